@@ -1,0 +1,87 @@
+"""Encoders: output widths, local weight round trip, clear shape-mismatch errors, order independence (spec §6.20)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from milstudy.encoders import build_encoder, file_sha256, list_encoders
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "width"),
+    [("resnet18_trunc", 32, 256), ("resnet50_trunc", 32, 1024), ("tiny_cnn", 32, 64), ("tiny_cnn_full", 32, 128)],
+)
+def test_output_width(name, size, width):
+    encoder = build_encoder(name).eval()
+    with torch.no_grad():
+        out = encoder(torch.rand(2, 3, size, size))
+    assert out.shape == (2, width) and encoder.out_dim == width
+    assert encoder.weight_hash == "random-init-seed0"
+
+
+def test_vit_and_configured_tiny_width():
+    vit = build_encoder("vit_small_patch16", img_size=32, pool="avg").eval()
+    assert vit(torch.rand(1, 3, 32, 32)).shape == (1, 384)
+    tiny = build_encoder("tiny_cnn", widths=(8, 16, 24, 48)).eval()
+    assert tiny(torch.rand(1, 3, 32, 32)).shape == (1, 24) and tiny.out_dim == 24
+
+
+def test_seeded_init_is_deterministic_and_seed_dependent():
+    a, b, c = build_encoder("tiny_cnn", seed=3), build_encoder("tiny_cnn", seed=3), build_encoder("tiny_cnn", seed=4)
+    wa, wb, wc = (m.trunk.stem[0].weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert c.weight_hash == "random-init-seed4"
+
+
+def test_safetensors_round_trip(tmp_path):
+    source = build_encoder("tiny_cnn", seed=1).eval()
+    path = tmp_path / "tiny.safetensors"
+    save_file({f"trunk.{k}": v.contiguous() for k, v in source.trunk.state_dict().items()}, str(path))
+    loaded = build_encoder("tiny_cnn", weights=path, seed=2).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(source(x), loaded(x))
+    assert loaded.weight_hash == file_sha256(path) and len(loaded.weight_hash) == 64
+
+
+def test_torch_state_dict_of_full_resnet_loads_truncated(tmp_path):
+    import timm
+
+    full = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "r18.pth"
+    torch.save(full.state_dict(), path)  # has layer4.* and fc.*: dropped by truncation
+    encoder = build_encoder("resnet18_trunc", weights=path)
+    assert torch.equal(encoder.trunk.conv1.weight, full.conv1.weight)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    wide = build_encoder("tiny_cnn", widths=(8, 16, 32, 64))
+    path = tmp_path / "wide.safetensors"
+    save_file({k: v.contiguous() for k, v in wide.trunk.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"stem\.0\.weight.*\(8, 3, 3, 3\).*\(16, 3, 3, 3\)"):
+        build_encoder("tiny_cnn", weights=path)
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        build_encoder("tiny_cnn", weights=tmp_path / "nope.safetensors")
+    with pytest.raises(KeyError, match="tiny_cnn"):
+        build_encoder("resnet_nonexistent")
+    assert {"resnet18_trunc", "resnet50_trunc", "vit_small_patch16", "tiny_cnn"} <= set(list_encoders())
+
+
+def test_eval_features_independent_of_patch_order():
+    encoder = build_encoder("tiny_cnn").eval()
+    x = torch.rand(6, 3, 32, 32)
+    perm = torch.randperm(6)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x)[perm], encoder(x[perm]), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        build_encoder("tiny_cnn")(torch.rand(2, 32, 32))
