@@ -1,0 +1,296 @@
+"""Cohort manifests: one validated table schema for every cohort, patient-level splits, slide checks.
+
+A manifest is a CSV (or DataFrame) with one row per slide:
+
+| column | meaning |
+|---|---|
+| ``slide_id`` | unique slide identifier; feature files are named ``<slide_id>.h5`` |
+| ``case_id`` | patient identifier; splits never put one case in two partitions |
+| ``path`` | slide file, relative to a slide root (``MILSTUDY_SLIDE_ROOT`` or an argument) or absolute |
+| ``label`` / ``grade`` | class label (string or int) / ordinal grade (int >= 0) |
+| ``survival_months`` / ``event`` | follow-up time (>= 0) and 1 = event observed, 0 = censored |
+| ``report`` | free-text pathology report (optional) |
+| ``split`` | ``train`` / ``val`` / ``test`` |
+| ``fold_<k>`` | the same, for fold k of a cross-validation |
+
+Other columns (e.g. ``label_3``, ``oversample``, ``mask_path``) pass through untouched.
+Every validation error names the file, the row (file line, header = line 1) and the column.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from milstudy.paths import slide_root as _env_slide_root
+
+SPLIT_VALUES = ("train", "val", "test")
+TEXT_COLUMNS = ("slide_id", "case_id", "path", "report", "split")
+DEFAULT_REQUIRE = ("slide_id", "case_id", "path")
+FOLD_PATTERN = re.compile(r"^fold_(\d+)$")
+
+
+class ManifestError(ValueError):
+    """A manifest does not follow the schema; the message names file, row(s) and column."""
+
+
+def fold_columns(df: pd.DataFrame) -> list[str]:
+    """The ``fold_<k>`` columns of a manifest, sorted by k."""
+    found = [(int(m.group(1)), c) for c in df.columns if (m := FOLD_PATTERN.match(str(c)))]
+    return [c for _, c in sorted(found)]
+
+
+def _rows(source: str, index: Iterable, from_file: bool) -> str:
+    """Human-readable row references: file lines (header = line 1) or DataFrame index labels."""
+    idx = list(index)
+    shown = ", ".join(str(i + 2) if from_file else str(i) for i in idx[:10])
+    more = f" (+{len(idx) - 10} more)" if len(idx) > 10 else ""
+    kind = "line" if from_file else "row"
+    return f"{source} {kind}{'s' if len(idx) > 1 else ''} {shown}{more}"
+
+
+def _read(path_or_df: str | os.PathLike | pd.DataFrame) -> tuple[pd.DataFrame, str, bool]:
+    if isinstance(path_or_df, pd.DataFrame):
+        return path_or_df.copy(), "manifest (DataFrame)", False
+    path = Path(path_or_df)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    header = pd.read_csv(path, nrows=0).columns
+    text = {c: "string" for c in header if c in TEXT_COLUMNS or FOLD_PATTERN.match(str(c)) or c == "label_3"}
+    df = pd.read_csv(path, dtype=text, keep_default_na=True)
+    return df.reset_index(drop=True), str(path), True
+
+
+def load_manifest(
+    path_or_df: str | os.PathLike | pd.DataFrame,
+    slide_root: str | os.PathLike | None = None,
+    require: Sequence[str] = DEFAULT_REQUIRE,
+) -> pd.DataFrame:
+    """Read and validate a manifest; returns a new DataFrame (the input is never modified).
+
+    ``require`` lists columns that must exist and be non-empty. When ``case_id`` is absent and not required,
+    it defaults to ``slide_id`` (one slide per patient). With ``slide_root`` given, relative ``path`` values are
+    made absolute (see ``resolve_paths``). Raises ``ManifestError`` naming the file, row and column.
+    """
+    df, source, from_file = _read(path_or_df)
+    missing = [c for c in require if c not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"{source}: missing required column(s) {missing}; found columns {list(df.columns)}"
+        )
+    if "case_id" not in df.columns and "slide_id" in df.columns:
+        df["case_id"] = df["slide_id"]
+    for col in TEXT_COLUMNS + tuple(fold_columns(df)):
+        if col in df.columns:
+            df[col] = df[col].astype("string").str.strip()
+    for col in require:
+        empty = df.index[df[col].isna() | (df[col].astype("string").str.len() == 0)]
+        if len(empty):
+            raise ManifestError(f"{_rows(source, empty, from_file)}: column '{col}' is empty")
+    if "slide_id" in df.columns:
+        dup = df.index[df["slide_id"].duplicated(keep=False) & df["slide_id"].notna()]
+        if len(dup):
+            first = df.loc[dup[0], "slide_id"]
+            raise ManifestError(
+                f"{_rows(source, dup, from_file)}: duplicate slide_id (e.g. '{first}'); each slide must appear once"
+            )
+    _check_numeric(df, source, from_file)
+    for col in (["split"] if "split" in df.columns else []) + fold_columns(df):
+        _check_split_column(df, col, source, from_file)
+    if slide_root is not None:
+        df = resolve_paths(df, slide_root)
+    return df
+
+
+def _check_numeric(df: pd.DataFrame, source: str, from_file: bool) -> None:
+    if "event" in df.columns:
+        values = pd.to_numeric(df["event"], errors="coerce")
+        bad = df.index[df["event"].notna() & ~values.isin([0, 1])]
+        if len(bad):
+            raise ManifestError(
+                f"{_rows(source, bad, from_file)}: column 'event' must be 0 (censored) or 1 (event), "
+                f"got {df.loc[bad[0], 'event']!r}"
+            )
+        df["event"] = values.astype("int64") if values.notna().all() else values.astype("Int64")
+    for col, integer in (("survival_months", False), ("grade", True)):
+        if col not in df.columns:
+            continue
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad_mask = df[col].notna() & (values.isna() | (values < 0) | ~np.isfinite(values.fillna(0)))
+        if integer:
+            bad_mask |= values.notna() & (values != values.round())
+        bad = df.index[bad_mask]
+        if len(bad):
+            kind = "a non-negative integer" if integer else "a non-negative number"
+            raise ManifestError(
+                f"{_rows(source, bad, from_file)}: column '{col}' must be {kind}, got {df.loc[bad[0], col]!r}"
+            )
+        if integer:
+            df[col] = values.astype("int64") if values.notna().all() else values.astype("Int64")
+        else:
+            df[col] = values.astype("float64")
+
+
+def _check_split_column(df: pd.DataFrame, col: str, source: str, from_file: bool) -> None:
+    bad = df.index[~df[col].isin(SPLIT_VALUES)]
+    if len(bad):
+        raise ManifestError(
+            f"{_rows(source, bad, from_file)}: column '{col}' must be one of {list(SPLIT_VALUES)}, "
+            f"got {df.loc[bad[0], col]!r}"
+        )
+    per_case = df.groupby("case_id")[col].nunique()
+    for case in per_case.index[per_case > 1]:
+        rows = df.index[df["case_id"] == case]
+        values = sorted(df.loc[rows, col].unique())
+        raise ManifestError(
+            f"{_rows(source, rows, from_file)}: case '{case}' is in more than one partition of column "
+            f"'{col}' ({values}); all slides of a patient must share one partition"
+        )
+
+
+def resolve_paths(df: pd.DataFrame, slide_root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Copy of ``df`` with ``path`` made absolute under ``slide_root`` (default: ``MILSTUDY_SLIDE_ROOT``).
+
+    Absolute paths stay as they are. Raises ``ManifestError`` when a relative path has no root to resolve against.
+    """
+    out = df.copy()
+    root = _env_slide_root(slide_root)
+    paths = out["path"].astype("string")
+    relative = ~paths.map(lambda p: os.path.isabs(p) if isinstance(p, str) else True)
+    if relative.any() and root is None:
+        raise ManifestError(
+            f"{int(relative.sum())} slide path(s) are relative (e.g. '{paths[relative].iloc[0]}') but no slide root "
+            "was given: pass slide_root / --slide-root or set MILSTUDY_SLIDE_ROOT"
+        )
+    out.loc[relative, "path"] = [str(Path(root) / p) for p in paths[relative]]
+    out["path"] = out["path"].astype("string")
+    return out
+
+
+# --------------------------------------------------------------------------------------- patient-level splits
+def _strata(df: pd.DataFrame, stratify: str | None) -> np.ndarray:
+    if "case_id" not in df.columns:
+        raise ManifestError("patient-level splits need a 'case_id' column")
+    if stratify is None:
+        return np.zeros(len(df), dtype=int)
+    if stratify not in df.columns:
+        raise ManifestError(f"cannot stratify on '{stratify}': no such column (have {list(df.columns)})")
+    return df[stratify].astype("string").fillna("<missing>").to_numpy(dtype=str)
+
+
+def _group_folds(df: pd.DataFrame, n_splits: int, stratify: str | None, seed: int) -> list[set[str]]:
+    """Case ids of each test fold of a shuffled ``StratifiedGroupKFold`` (groups = case_id)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = df["case_id"].astype("string").to_numpy(dtype=str)
+    y = _strata(df, stratify)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": stratify as far as possible
+        warnings.simplefilter("ignore", UserWarning)
+        return [set(groups[test_idx]) for _, test_idx in splitter.split(np.zeros(len(df)), y, groups)]
+
+
+def _hold_out(df: pd.DataFrame, fraction: float, stratify: str | None, seed: int) -> set[str]:
+    """Case ids of a held-out share of about ``fraction`` of the slides: one fold of round(1 / fraction)."""
+    n_cases = df["case_id"].nunique()
+    if fraction <= 0 or n_cases < 2:
+        return set()
+    n_splits = min(max(2, int(round(1 / fraction))), n_cases)
+    return _group_folds(df, n_splits, stratify, seed)[0]
+
+
+def patient_split(
+    df: pd.DataFrame, val: float = 0.15, test: float = 0.15, stratify: str | None = "label", seed: int = 0
+) -> pd.DataFrame:
+    """Copy of ``df`` with a ``split`` column (train/val/test) assigned per case (patient), stratified by slides' ``stratify``.
+
+    Uses scikit-learn's ``StratifiedGroupKFold`` (groups = case_id): the test set is one fold of round(1 / test)
+    folds, the validation set one fold of the rest, so fractions are met up to that rounding and to case sizes.
+    Deterministic in ``seed``.
+    """
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"val={val} and test={test} must be fractions in [0, 1) with val + test < 1")
+    cases = df["case_id"].astype("string")
+    test_ids = _hold_out(df, test, stratify, seed)
+    rest = df[~cases.isin(test_ids)]
+    val_ids = _hold_out(rest, val / (1 - test), stratify, seed)
+    out = df.copy()
+    out["split"] = pd.Series("train", index=df.index, dtype="string")
+    out.loc[cases.isin(val_ids), "split"] = "val"
+    out.loc[cases.isin(test_ids), "split"] = "test"
+    return out
+
+
+def patient_kfold(
+    df: pd.DataFrame, k: int = 5, stratify: str | None = "label", seed: int = 0, val: float = 0.0
+) -> pd.DataFrame:
+    """Copy of ``df`` with columns ``fold_0 .. fold_{k-1}``: every case is ``test`` in exactly one fold.
+
+    Uses scikit-learn's ``StratifiedGroupKFold`` (groups = case_id, shuffled with ``seed``). With ``val`` > 0 a
+    stratified, patient-level share of about ``val`` of all slides is taken from each fold's training cases.
+    """
+    if k < 2:
+        raise ValueError(f"k={k}: a k-fold split needs k >= 2")
+    n_cases = df["case_id"].nunique()
+    if n_cases < k:
+        raise ValueError(f"k={k} folds need at least {k} cases, the manifest has {n_cases}")
+    cases = df["case_id"].astype("string")
+    out = df.copy()
+    for fold, test_ids in enumerate(_group_folds(df, k, stratify, seed)):
+        column = pd.Series("train", index=df.index, dtype="string")
+        column[cases.isin(test_ids)] = "test"
+        if val:
+            train = df[~cases.isin(test_ids)]
+            column[cases.isin(_hold_out(train, val / (1 - 1 / k), stratify, seed + fold))] = "val"
+        out[f"fold_{fold}"] = column
+    return out
+
+
+# --------------------------------------------------------------------------------------------- slide checks
+def _opener():
+    """The project's slide opener when the slides layer exists, else OpenSlide directly."""
+    try:
+        from milstudy.data.slides import open_slide
+
+        return open_slide
+    except ImportError:
+        import openslide
+
+        return openslide.OpenSlide
+
+
+def check_slides(
+    manifest: str | os.PathLike | pd.DataFrame, slide_root: str | os.PathLike | None = None, progress: bool = True
+) -> pd.DataFrame:
+    """Try to open every slide of a manifest.
+
+    Returns a DataFrame with ``slide_id``, ``path`` (resolved), ``status`` (``ok`` / ``missing`` /
+    ``unreadable``) and ``message`` (the reader's error for unreadable slides).
+    """
+    from tqdm.auto import tqdm
+
+    df = resolve_paths(load_manifest(manifest, require=("slide_id", "path")), slide_root)
+    opener = _opener()
+    records = []
+    for slide_id, path in tqdm(
+        zip(df["slide_id"], df["path"]), total=len(df), desc="checking slides", unit="slide", disable=not progress
+    ):
+        status, message = "ok", ""
+        if not os.path.exists(path):
+            status, message = "missing", "file not found"
+        else:
+            try:
+                slide = opener(path)
+                close = getattr(slide, "close", None)
+                if close is not None:
+                    close()
+            except Exception as err:  # any reader failure is a finding, not a crash
+                status, message = "unreadable", f"{type(err).__name__}: {err}".strip()
+        records.append({"slide_id": slide_id, "path": path, "status": status, "message": message})
+    return pd.DataFrame.from_records(records, columns=["slide_id", "path", "status", "message"])

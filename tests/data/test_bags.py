@@ -1,0 +1,135 @@
+"""Feature bags: CLAM/TRIDENT HDF5 layouts, bad inputs, the UCSB benchmark, padding with masks."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from milstudy.data.bags import (
+    Bag,
+    BagDataset,
+    BagError,
+    BagListDataset,
+    class_balanced_sampler,
+    collate_bags,
+    load_classic_mil,
+    standardize,
+)
+
+
+def _h5(path, features, coords=None, **extra):
+    with h5py.File(path, "w") as handle:
+        if features is not None:
+            handle.create_dataset("features", data=features)
+        if coords is not None:
+            handle.create_dataset("coords", data=coords)
+        for key, value in extra.items():
+            handle.create_dataset(key, data=value)
+
+
+def _manifest(ids, labels, **columns):
+    return pd.DataFrame({"slide_id": ids, "case_id": ids, "path": [f"{i}.svs" for i in ids], "label": labels,
+                         **columns})
+
+
+def test_clam_and_trident_layouts_load(tmp_path):
+    rng = np.random.default_rng(0)
+    clam = rng.normal(size=(5, 8)).astype(np.float32)
+    trident = rng.normal(size=(1, 3, 8)).astype(np.float32)
+    _h5(tmp_path / "clam.h5", clam, np.arange(10).reshape(5, 2))
+    _h5(tmp_path / "trident.h5", trident, np.arange(6).reshape(1, 3, 2), instance_labels=[0, 1, 0])
+    ds = BagDataset(_manifest(["clam", "trident"], ["ILC", "IDC"]), tmp_path)
+    assert ds.classes == ["IDC", "ILC"] and ds.targets == [1, 0] and ds.n_instances == [5, 3]
+    bag = ds[0]
+    assert bag.features.dtype == torch.float32 and torch.equal(bag.features, torch.from_numpy(clam))
+    assert bag.coords.dtype == torch.int64 and bag.coords.shape == (5, 2) and bag.instance_labels is None
+    bag = ds[1]
+    assert bag.features.shape == (3, 8) and bag.coords.shape == (3, 2) and bag.instance_labels.tolist() == [0, 1, 0]
+    eager = BagDataset(_manifest(["clam", "trident"], ["ILC", "IDC"]), tmp_path, lazy=False)
+    assert torch.equal(eager[1].features, ds[1].features)
+
+
+def test_clam_pt_files_and_survival_targets(tmp_path):
+    torch.save(torch.ones(4, 6), tmp_path / "s.pt")
+    df = pd.DataFrame({"slide_id": ["s"], "case_id": ["c"], "path": ["s.svs"], "survival_months": [12.5],
+                       "event": [1]})
+    bag = BagDataset(df, tmp_path, target="survival")[0]
+    assert bag.coords is None and bag.features.shape == (4, 6) and bag.case_id == "c"
+    assert bag.target.tolist() == [12.5, 1.0]
+
+
+def test_integer_labels_are_class_indices_and_instance_label_dir(tmp_path):
+    _h5(tmp_path / "a.h5", np.zeros((2, 3), np.float32))
+    labels = tmp_path / "gt"
+    labels.mkdir()
+    np.save(labels / "a.npy", np.array([1, 0]))
+    ds = BagDataset(_manifest(["a"], [4]), tmp_path, instance_label_dir=labels)
+    assert ds.classes == [0, 1, 2, 3, 4] and ds.targets == [4]
+    assert ds[0].instance_labels.tolist() == [1, 0]
+
+
+def test_bad_inputs_have_clear_errors(tmp_path):
+    _h5(tmp_path / "nan.h5", np.array([[0.0, np.nan]], np.float32))
+    _h5(tmp_path / "nofeat.h5", None, np.zeros((2, 2)), embeddings=np.zeros((2, 2)))
+    _h5(tmp_path / "ok.h5", np.zeros((2, 2), np.float32))
+    _h5(tmp_path / "empty.h5", np.zeros((0, 2), np.float32), np.zeros((0, 2)))
+    with pytest.raises(BagError, match=r"slide 'nan' .*NaN/inf"):
+        BagDataset(_manifest(["nan"], ["A"]), tmp_path)[0]
+    with pytest.raises(BagError, match=r"nofeat.h5: no 'features' dataset \(keys: \['coords', 'embeddings'\]\)"):
+        BagDataset(_manifest(["nofeat"], ["A"]), tmp_path)
+    with pytest.raises(BagError, match=r"slide 'ok': label 'C' is not one of the classes \['A', 'B'\]"):
+        BagDataset(_manifest(["ok"], ["C"]), tmp_path, classes=["A", "B"])
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 slides have no feature file .*\['gone'\]"):
+        BagDataset(_manifest(["ok", "gone"], ["A", "A"]), tmp_path)
+    with pytest.warns(UserWarning, match="empty bags"):
+        ds = BagDataset(_manifest(["ok", "empty"], ["A", "B"]), tmp_path)
+    assert len(ds) == 1 and ds.skipped == [("empty", "empty bag (0 instances)")] and ds.slide_ids == ["ok"]
+
+
+def test_ucsb_benchmark_counts():
+    bags = load_classic_mil()
+    assert len(bags) == 58 and sum(len(b) for b in bags) == 2002
+    assert {b.features.shape[1] for b in bags} == {708}
+    assert sum(b.target for b in bags) == 26 and sum(1 - b.target for b in bags) == 32
+
+
+def test_classic_format_and_standardize_fits_on_train_only(tmp_path):
+    path = tmp_path / "toy.csv"
+    path.write_text("-1,7,1.0,2.0\n-1,7,3.0,2.0\n1,9,5.0,2.0\n-1,9,7.0,2.0\n")
+    train, test = load_classic_mil(path)
+    assert (train.slide_id, train.target, test.slide_id, test.target) == ("7", 0, "9", 1)
+    (train_std,), (test_std,) = standardize([train], [test])
+    assert torch.allclose(train_std.features[:, 0], torch.tensor([-1.0, 1.0]))
+    assert torch.allclose(test_std.features[:, 0], torch.tensor([3.0, 5.0]))  # train mean 2, std 1
+    assert torch.equal(test_std.features[:, 1], torch.zeros(2))  # constant feature: scale 1
+
+
+def test_collate_pads_and_masks_exactly_the_real_rows():
+    bags = [Bag(torch.randn(n, 4), f"s{n}", target=n % 2, coords=torch.ones(n, 2, dtype=torch.int64) * n,
+                instance_labels=torch.ones(n, dtype=torch.int64) if n == 3 else None) for n in (3, 1, 5)]
+    batch = collate_bags(BagListDataset(bags).bags)
+    assert batch["features"].shape == (3, 5, 4) and batch["mask"].sum(1).tolist() == [3, 1, 5]
+    for i, bag in enumerate(bags):
+        n = len(bag)
+        assert batch["mask"][i, :n].all() and not batch["mask"][i, n:].any()
+        assert torch.equal(batch["features"][i, :n], bag.features)
+        assert (batch["features"][i, n:] == 0).all() and (batch["coords"][i, n:] == 0).all()
+    assert batch["instance_labels"][0].tolist() == [1, 1, 1, -1, -1]
+    assert (batch["instance_labels"][1] == -1).all()
+    assert batch["targets"].tolist() == [1, 1, 1] and batch["slide_ids"] == ["s3", "s1", "s5"]
+    survival = collate_bags([Bag(torch.zeros(1, 2), "a", torch.tensor([3.0, 1.0])),
+                             Bag(torch.zeros(2, 2), "b", torch.tensor([5.0, 0.0]))])
+    assert survival["targets"].shape == (2, 2) and survival["targets"].dtype == torch.float32
+    with pytest.raises(BagError, match="different feature dimensions"):
+        collate_bags([Bag(torch.zeros(1, 2), "a"), Bag(torch.zeros(1, 3), "b")])
+
+
+def test_class_balanced_sampler_balances_classes():
+    labels = [0] * 90 + [1] * 10
+    drawn = np.array(labels)[list(class_balanced_sampler(labels, num_samples=4000, seed=1))]
+    assert abs(drawn.mean() - 0.5) < 0.05
+    drawn = np.array(labels)[list(class_balanced_sampler(labels, ratio=3.0, num_samples=4000, seed=1))]
+    assert abs(drawn.mean() - 30 / 120) < 0.05
