@@ -1,0 +1,261 @@
+"""Two-stage feature extraction: slides -> tissue patches -> frozen encoder -> one HDF5 bag per slide.
+
+``extract_features`` (and ``milstudy features extract``) tiles every slide of a manifest at a physical resolution
+(``milstudy.data.tiling.tile_slide``), reads patches in DataLoader workers (``milstudy.data.patches.PatchDataset``),
+embeds them with ``milstudy.encoders.build_encoder`` (AMP on CUDA) and writes ``<out>/<slide_id>.h5`` with
+``features`` float32 [N, D], ``coords`` int64 [N, 2] (level-0 x, y; the CLAM/TRIDENT layout, so
+``milstudy.data.bags.BagDataset`` reads these and theirs alike), optional ``instance_labels`` / ``tumour_fraction``
+(manifests with ``mask_path``) and attributes (encoder, weight_hash, target_mpp, patch_size, level, n_patches, ...).
+
+Resumable: an existing file is verified (opens, ``features`` has ``n_patches`` rows of the encoder's width, same
+encoder, weight hash, resolution and patch size) and skipped; anything else is redone. Files are written to a
+temporary name and renamed, so a killed job never leaves a half-written bag. ``shard="i/n"`` processes manifest rows
+i, i+n, i+2n, ... (array jobs). Slides without tissue get an empty bag (BagDataset skips it) and every slide's
+outcome goes to ``extraction_summary*.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SUMMARY_COLUMNS = ["slide_id", "status", "n_patches", "n_failed", "seconds", "message"]
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; None stays None."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            index, count = (int(part) for part in shard.split("/"))
+        except ValueError as err:
+            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}") from err
+    else:
+        index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+    return index, count
+
+
+def _expected_attrs(encoder, target_mpp: float, patch_size: int) -> dict:
+    return {"encoder": encoder.name, "weight_hash": encoder.weight_hash, "target_mpp": float(target_mpp),
+            "patch_size": int(patch_size)}
+
+
+def is_complete(path: Path, expected: dict, feature_dim: int) -> bool:
+    """True if ``path`` is a finished bag matching ``expected`` attributes (resume check)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = dict(handle.attrs)
+            if "features" not in handle or "coords" not in handle or "n_patches" not in attrs:
+                return False
+            n = int(attrs["n_patches"])
+            if handle["features"].shape != (n, feature_dim) or handle["coords"].shape != (n, 2):
+                return False
+            for key, value in expected.items():
+                stored = attrs.get(key)
+                if isinstance(value, float):
+                    if stored is None or not np.isclose(float(stored), value):
+                        return False
+                elif str(stored) != str(value):
+                    return False
+            return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _write_bag(path: Path, datasets: dict[str, np.ndarray], attrs: dict) -> None:
+    import h5py
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as handle:
+            for key, value in datasets.items():
+                handle.create_dataset(key, data=value)
+            for key, value in attrs.items():
+                handle.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: bool, progress, desc: str):
+    """Features float32 [M, D] and the grid indices [M] of the patches that could be read."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from milstudy.data.patches import collate_patches
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_patches,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    chunks, indices, n_failed = [], [], 0
+    use_amp = amp and device.type == "cuda"
+    bar = progress(total=len(dataset), desc=desc, unit="patch", leave=False)
+    with torch.inference_mode():
+        for batch in loader:
+            n_failed += batch["n_failed"]
+            if len(batch["indices"]):
+                images = batch["images"].to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    output = encoder(images)
+                chunks.append(output.float().cpu().numpy())
+                indices.append(batch["indices"].numpy())
+            bar.update(len(batch["indices"]) + batch["n_failed"])
+    bar.close()
+    if not chunks:
+        return np.zeros((0, encoder.out_dim), np.float32), np.zeros(0, np.int64), n_failed
+    return np.concatenate(chunks).astype(np.float32), np.concatenate(indices), n_failed
+
+
+def _instance_labels(row: pd.Series, root: Path | None, coords: np.ndarray, size_level0: int) -> dict:
+    """Ground-truth ``instance_labels`` / ``tumour_fraction`` for manifests with a ``mask_path`` column."""
+    mask_path = row.get("mask_path")
+    if mask_path is None or pd.isna(mask_path) or not str(mask_path):
+        return {}
+    from milstudy.data.synthetic import instance_labels
+
+    mask_path = Path(str(mask_path))
+    if not mask_path.is_absolute() and root is not None:
+        mask_path = root / mask_path
+    fraction, labels = instance_labels(mask_path, coords, size_level0)
+    return {"tumour_fraction": np.asarray(fraction, np.float32), "instance_labels": np.asarray(labels, np.int64)}
+
+
+def extract_features(
+    manifest: str | os.PathLike | pd.DataFrame,
+    encoder_name: str,
+    out_dir: str | os.PathLike,
+    slide_root: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    target_mpp: float = 0.5,
+    patch_size: int = 256,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    shard: str | tuple[int, int] | None = None,
+    device: str | None = None,
+    amp: bool = True,
+    min_tissue: float = 0.5,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Extract one feature bag per slide of ``manifest`` into ``out_dir``; returns the per-slide summary.
+
+    ``slide_root``: root of relative slide paths (default ``MILSTUDY_SLIDE_ROOT``; for a synthetic cohort pass
+    ``cohort.root``). A manifest column ``mpp`` overrides slides' resolution metadata. Summary statuses:
+    ``done``, ``skipped`` (already complete), ``empty`` (no tissue: an empty bag is written), ``error`` (message).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from milstudy.data.manifests import load_manifest, resolve_paths
+    from milstudy.data.patches import PatchDataset
+    from milstudy.data.slides import open_slide
+    from milstudy.data.tiling import tile_slide
+    from milstudy.encoders import build_encoder
+    from milstudy.paths import slide_root as env_slide_root
+
+    table = resolve_paths(load_manifest(manifest, require=("slide_id", "path")), slide_root)
+    root = env_slide_root(slide_root)
+    parsed = parse_shard(shard)
+    if parsed is not None:
+        table = table.iloc[parsed[0]::parsed[1]]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = build_encoder(encoder_name, weights=weights).eval().to(device)
+    if device.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    expected = _expected_attrs(encoder, target_mpp, patch_size)
+    bar_factory = tqdm if progress else (lambda *a, **k: tqdm(*a, **k, disable=True))
+
+    records = []
+    slides_bar = bar_factory(table.iterrows(), total=len(table), desc=f"features {encoder.name}", unit="slide")
+    for _, row in slides_bar:
+        slide_id, start = str(row["slide_id"]), time.perf_counter()
+        target = out_dir / f"{slide_id}.h5"
+        record = {"slide_id": slide_id, "status": "done", "n_patches": 0, "n_failed": 0, "message": ""}
+        if target.exists() and is_complete(target, expected, encoder.out_dim):
+            import h5py
+
+            with h5py.File(target, "r") as handle:
+                record.update(status="skipped", n_patches=int(handle.attrs["n_patches"]), message="already complete")
+            records.append({**record, "seconds": 0.0})
+            continue
+        try:
+            slide_mpp = row.get("mpp")
+            slide = open_slide(row["path"], mpp=None if slide_mpp is None or pd.isna(slide_mpp) else float(slide_mpp))
+            grid = tile_slide(slide, target_mpp, patch_size, min_tissue=min_tissue, slide_id=slide_id)
+            if grid.is_empty:
+                features, kept, n_failed = np.zeros((0, encoder.out_dim), np.float32), np.zeros(0, np.int64), 0
+                record.update(status="empty", message=f"no tissue patches at min_tissue={min_tissue}")
+            else:
+                features, kept, n_failed = _embed(encoder, PatchDataset(slide, grid), batch_size, num_workers,
+                                                  device, amp, bar_factory, slide_id[:24])
+            slide.close()
+            coords = grid.coords[kept].astype(np.int64)
+            datasets = {"features": features, "coords": coords,
+                        **_instance_labels(row, root, coords, grid.size_level0)}
+            attrs = {**expected, "n_patches": len(kept), "n_failed": n_failed, "level": grid.level,
+                     "read_size": grid.read_size, "size_level0": grid.size_level0, "slide_mpp": slide.mpp,
+                     "min_tissue": float(min_tissue), "slide_id": slide_id, "slide_path": str(row["path"])}
+            _write_bag(target, datasets, attrs)
+            record.update(n_patches=len(kept), n_failed=n_failed)
+            if n_failed:
+                record["message"] = f"{n_failed} unreadable patch(es) skipped"
+        except Exception as err:  # one bad slide must not end a long job: recorded, reported, exit code 1
+            record.update(status="error", message=f"{type(err).__name__}: {err}")
+        seconds = time.perf_counter() - start
+        records.append({**record, "seconds": round(seconds, 3)})
+        slides_bar.set_postfix({"patches/s": f"{record['n_patches'] / max(seconds, 1e-9):.0f}",
+                                "batch": batch_size, "workers": num_workers})
+    summary = pd.DataFrame.from_records(records, columns=SUMMARY_COLUMNS)
+    name = "extraction_summary.csv" if parsed is None else f"extraction_summary_shard{parsed[0]}of{parsed[1]}.csv"
+    tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+    summary.to_csv(tmp, index=False)
+    os.replace(tmp, out_dir / name)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def _cmd_extract(args: argparse.Namespace) -> int:
+    summary = extract_features(
+        args.manifest, args.encoder, args.out, slide_root=args.slide_root, weights=args.weights,
+        target_mpp=args.mpp, patch_size=args.patch_size, batch_size=args.batch_size, num_workers=args.workers,
+        shard=args.shard, device=args.device, amp=not args.no_amp, min_tissue=args.min_tissue,
+    )
+    counts = summary["status"].value_counts().to_dict()
+    print(f"{len(summary)} slides: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {args.out}")
+    errors = summary[summary["status"] == "error"]
+    for _, row in errors.iterrows():
+        print(f"  error {row['slide_id']}: {row['message']}")
+    return 1 if len(errors) else 0
+
+
+def add_commands(subparsers) -> None:
+    """Register ``milstudy features extract``."""
+    features = subparsers.add_parser("features", help="feature bags from slides")
+    sub = features.add_subparsers(dest="features_command", metavar="ACTION")
+    extract = sub.add_parser("extract", help="embed tissue patches of every slide of a manifest into HDF5 bags")
+    extract.add_argument("--manifest", required=True, help="manifest CSV (slide_id, path, ...)")
+    extract.add_argument("--encoder", required=True, help="encoder name (see milstudy.encoders.list_encoders())")
+    extract.add_argument("--out", required=True, help="output folder (one <slide_id>.h5 per slide)")
+    extract.add_argument("--slide-root", default=None, help="root of relative slide paths (default $MILSTUDY_SLIDE_ROOT)")
+    extract.add_argument("--weights", default=None, help="local encoder weights (safetensors or state dict)")
+    extract.add_argument("--mpp", type=float, default=0.5, help="target µm/px (20x ~ 0.5, 10x ~ 1.0)")
+    extract.add_argument("--patch-size", type=int, default=256, help="patch size in pixels at the target µm/px")
+    extract.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a patch")
+    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("--workers", type=int, default=2, help="DataLoader worker processes reading patches")
+    extract.add_argument("--shard", default=None, help="i/n: process manifest rows i, i+n, ... (array jobs)")
+    extract.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    extract.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    extract.set_defaults(func=_cmd_extract)
+    features.set_defaults(func=lambda args: (features.print_help(), 2)[1])
