@@ -1,0 +1,10 @@
+"""Analyses of trained MIL models, each a pure function on numpy/torch arrays (shapes in the docstrings).
+
+- ``sparsity``: the ABMILX paper's "proportion of activated patches" (our threshold) + entropy, Gini, top-k mass.
+- ``risk``: optimisation risk of App. A (R, R_MH, mass on tumour, top-1-is-noise rate, head correlation).
+- ``modulation``: the modulation factor Λ of Eq. 17 and the identity itself.
+- ``localization``: instance AUROC and top-k precision of attention against patch labels.
+- ``embedding``: UMAP of instance features, silhouette and kNN purity.
+- ``sampling_noise``: P(no tumour patch among s sampled), closed form vs measured.
+- ``tracking``: per-epoch attention snapshots of fixed slides and the tidy tables built from them.
+"""

@@ -1,0 +1,270 @@
+"""The house style for every milstudy figure, and the figure types the notebooks share.
+
+- ``use_style()``: one matplotlib/seaborn look (white grid, colour-blind palette, readable font sizes).
+- ``attention_heatmap``: head-mean attention on the slide thumbnail with a per-slide **rank-percentile** colour
+  scale (our choice, spec abmilx §4.3 E8: raw attention spans orders of magnitude between models, ranks make
+  maps comparable) and the ground-truth tumour contour.
+- ``attention_grid_map`` (no thumbnail), ``attention_histograms`` (distribution over training epochs),
+  ``metric_table_plot`` (mean ± std bars), ``training_curves`` and ``umap_scatter``.
+
+Every function draws into ``ax`` when given (else a new figure) and returns the Figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
+
+ATTENTION_CMAP = "magma"
+CONTOUR_COLOUR = "#00e5ff"
+PALETTE = "colorblind"
+
+
+def use_style() -> None:
+    """Apply the house style (call once at the top of a notebook)."""
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
+    plt.rcParams.update({
+        "figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight", "figure.autolayout": False,
+        "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9, "legend.frameon": False,
+        "image.cmap": ATTENTION_CMAP,
+    })
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (5, 4)) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
+
+
+def _head_mean(attention: Any) -> np.ndarray:
+    a = np.asarray(attention.detach().cpu() if hasattr(attention, "detach") else attention, dtype=np.float64)
+    return a.mean(axis=0) if a.ndim == 2 else a.reshape(-1)
+
+
+def rank_percentile(values: Any) -> np.ndarray:
+    """Per-slide rank percentile in [0, 1] of ``values [N]`` (or head-mean of ``[heads, N]``): the lowest value
+    maps to 0, the highest to 1, ties share their average rank; a single value maps to 1."""
+    v = _head_mean(values)
+    if v.shape[0] == 1:
+        return np.ones(1)
+    return (rankdata(v, method="average") - 1.0) / (v.shape[0] - 1.0)
+
+
+def attention_heatmap(
+    thumbnail: np.ndarray,
+    coords: np.ndarray,
+    attention: Any,
+    patch_size_level0: float,
+    downsample: float,
+    contour_mask: np.ndarray | None = None,
+    ax: Axes | None = None,
+    alpha: float = 0.6,
+    title: str | None = None,
+    colorbar: bool = True,
+) -> Figure:
+    """Attention on the slide thumbnail, rank-percentile coloured, with the ground-truth contour.
+
+    thumbnail: ``[h, w, 3]`` uint8/float image of the slide at ``downsample`` (level-0 px per thumbnail px);
+    coords: ``[N, 2]`` level-0 (x, y) of each patch's top-left corner; attention: ``[N]`` or ``[heads, N]``
+    (heads averaged); patch_size_level0: patch side in level-0 px; contour_mask: ``[H, W]`` bool tumour mask at any
+    resolution covering the same extent as the thumbnail (drawn as a contour line).
+    """
+    coords = np.asarray(coords)
+    colour = rank_percentile(attention)
+    if coords.shape != (colour.shape[0], 2):
+        raise ValueError(f"coords must be [N, 2] with N={colour.shape[0]} (attention length), got {coords.shape}")
+    fig, ax = _axes(ax, (5, 5))
+    h, w = thumbnail.shape[:2]
+    ax.imshow(thumbnail, extent=(0, w, h, 0))
+    overlay = np.zeros((h, w, 4))
+    cmap = plt.get_cmap(ATTENTION_CMAP)
+    side = max(1, int(round(patch_size_level0 / downsample)))
+    for (x, y), c in zip(coords / downsample, colour):
+        x0, y0 = int(round(x)), int(round(y))
+        x1, y1 = min(w, x0 + side), min(h, y0 + side)
+        if x1 > max(x0, 0) and y1 > max(y0, 0):
+            overlay[max(y0, 0):y1, max(x0, 0):x1] = (*cmap(c)[:3], alpha)
+    ax.imshow(overlay, extent=(0, w, h, 0))
+    if contour_mask is not None:
+        mask = np.asarray(contour_mask, dtype=float)
+        ys = np.linspace(0, h, mask.shape[0])
+        xs = np.linspace(0, w, mask.shape[1])
+        ax.contour(xs, ys, mask, levels=[0.5], colors=[CONTOUR_COLOUR], linewidths=1.2)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        _rank_colorbar(fig, ax)
+    return fig
+
+
+def attention_grid_map(
+    coords: np.ndarray,
+    attention: Any,
+    patch_size: float,
+    instance_labels: np.ndarray | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+    colorbar: bool = False,
+) -> Figure:
+    """Attention on the patch grid alone (no thumbnail), rank-percentile coloured; tumour patches outlined.
+
+    coords: ``[N, 2]`` (x, y) of each patch (any unit); patch_size in the same unit; instance_labels ``[N]`` 0/1.
+    """
+    coords = np.asarray(coords, dtype=float)
+    colour = rank_percentile(attention)
+    if coords.shape != (colour.shape[0], 2):
+        raise ValueError(f"coords must be [N, 2] with N={colour.shape[0]} (attention length), got {coords.shape}")
+    fig, ax = _axes(ax, (4, 4))
+    cells = np.round((coords - coords.min(axis=0)) / patch_size).astype(int)
+    grid = np.full(cells.max(axis=0)[::-1] + 1, np.nan)
+    grid[cells[:, 1], cells[:, 0]] = colour
+    ax.imshow(grid, cmap=ATTENTION_CMAP, vmin=0, vmax=1, interpolation="nearest")
+    if instance_labels is not None:
+        tumour = np.zeros_like(grid)
+        tumour[cells[:, 1], cells[:, 0]] = np.asarray(instance_labels).reshape(-1)
+        ax.contour(tumour, levels=[0.5], colors=[CONTOUR_COLOUR], linewidths=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        _rank_colorbar(fig, ax)
+    return fig
+
+
+def _rank_colorbar(fig: Figure, ax: Axes) -> None:
+    mappable = plt.cm.ScalarMappable(cmap=ATTENTION_CMAP, norm=plt.Normalize(0, 1))
+    fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="attention rank percentile (per slide)")
+
+
+def attention_histograms(
+    snapshots: Mapping[Any, Any], ax: Axes | None = None, bins: int = 30, title: str | None = None
+) -> Figure:
+    """Distribution of N·ā (attention relative to uniform, log10 axis) per snapshot, e.g. ``{epoch: attention [N]}``.
+
+    A vertical line marks the uniform level N·ā = 1, the activation threshold of the sparsity measure.
+    """
+    fig, ax = _axes(ax, (5, 3.5))
+    cmap = plt.get_cmap("viridis")
+    keys = list(snapshots)
+    values = {k: np.log10(np.clip(_head_mean(v) * _head_mean(v).shape[0], 1e-6, None)) for k, v in snapshots.items()}
+    low = min(v.min() for v in values.values())
+    high = max(v.max() for v in values.values())
+    edges = np.linspace(low, high + 1e-9, bins + 1)
+    for i, k in enumerate(keys):
+        ax.hist(values[k], bins=edges, histtype="step", linewidth=1.4, density=True,
+                color=cmap(i / max(1, len(keys) - 1)), label=str(k))
+    ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("log10(N · attention)   (0 = uniform)")
+    ax.set_ylabel("density")
+    ax.legend(title="epoch", ncols=2)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def metric_table_plot(
+    table: pd.DataFrame,
+    metric: str,
+    group: str,
+    hue: str | None = None,
+    reference: Mapping[str, float] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Bars of mean ± std of ``metric`` over rows (seeds) per ``group`` (and ``hue``); ``reference`` marks the
+    paper's value per group with a black tick."""
+    import seaborn as sns
+
+    if metric not in table or group not in table:
+        raise ValueError(f"table needs columns {metric!r} and {group!r}; it has {list(table.columns)}")
+    fig, ax = _axes(ax, (max(4, 0.9 * table[group].nunique() + 2), 3.5))
+    order = list(dict.fromkeys(table[group]))
+    sns.barplot(data=table, x=group, y=metric, hue=hue, order=order, errorbar="sd", ax=ax, capsize=0.1)
+    if reference:
+        for i, name in enumerate(order):
+            if name in reference and reference[name] is not None:
+                ax.plot([i - 0.4, i + 0.4], [reference[name]] * 2, color="black", linewidth=2,
+                        label="paper" if i == 0 else None)
+        ax.legend()
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", rotation=20)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def training_curves(
+    history: pd.DataFrame,
+    metrics: Sequence[str],
+    x: str = "epoch",
+    hue: str | None = None,
+    axes: Sequence[Axes] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One panel per metric, ``metric`` vs ``x`` (mean ± sd band over repeated rows, e.g. seeds), lines per ``hue``."""
+    import seaborn as sns
+
+    missing = [c for c in [x, *metrics, *([hue] if hue else [])] if c not in history]
+    if missing:
+        raise ValueError(f"history has no column(s) {missing}; it has {list(history.columns)}")
+    if axes is None:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+        axes = list(axes[0])
+    fig = axes[0].figure
+    for i, (metric, ax) in enumerate(zip(metrics, axes)):
+        sns.lineplot(data=history, x=x, y=metric, hue=hue, errorbar="sd", ax=ax, legend=(i == len(metrics) - 1))
+        ax.set_title(metric)
+        ax.set_ylabel("")
+    if hue and axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def umap_scatter(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    ax: Axes | None = None,
+    title: str | None = None,
+    label_names: Mapping[int, str] | None = None,
+    point_size: float = 6.0,
+) -> Figure:
+    """2-D embedding ``[N, 2]`` coloured by ground-truth instance label ``[N]`` (e.g. 0 normal, 1 tumour)."""
+    import seaborn as sns
+
+    embedding = np.asarray(embedding)
+    labels = np.asarray(labels).reshape(-1)
+    if embedding.ndim != 2 or embedding.shape[1] != 2 or embedding.shape[0] != labels.shape[0]:
+        raise ValueError(f"embedding must be [N, 2] and labels [N]; got {embedding.shape} and {labels.shape}")
+    fig, ax = _axes(ax, (4, 4))
+    colours = sns.color_palette(PALETTE)
+    for i, value in enumerate(np.unique(labels)):
+        keep = labels == value
+        name = label_names.get(int(value), str(value)) if label_names else str(value)
+        ax.scatter(embedding[keep, 0], embedding[keep, 1], s=point_size, alpha=0.7, color=colours[i % len(colours)],
+                   label=f"{name} ({keep.sum()})", linewidths=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
