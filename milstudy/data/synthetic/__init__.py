@@ -1,0 +1,33 @@
+"""Synthetic whole-slide cohorts with instance-level ground truth (the embedded default data of milstudy).
+
+``renderer`` paints H&E-like slides, ``reports`` writes their pathology reports, ``cohort`` builds, caches and
+loads cohorts (pyramidal TIFFs + masks + manifest). See :mod:`milstudy.data.synthetic.cohort` for the sizes.
+"""
+
+from milstudy.data.synthetic.cohort import (
+    PROFILES,
+    TASKS,
+    Cohort,
+    SyntheticCohortConfig,
+    build_cohort,
+    cohort_dir,
+    cohort_for_profile,
+    instance_labels,
+    load_cohort,
+)
+from milstudy.data.synthetic.renderer import ARCHITECTURES, FocusSpec, render_slide
+
+__all__ = [
+    "ARCHITECTURES",
+    "PROFILES",
+    "TASKS",
+    "Cohort",
+    "FocusSpec",
+    "SyntheticCohortConfig",
+    "build_cohort",
+    "cohort_dir",
+    "cohort_for_profile",
+    "instance_labels",
+    "load_cohort",
+    "render_slide",
+]
