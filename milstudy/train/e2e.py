@@ -1,0 +1,870 @@
+"""End-to-end MIL training: sampler -> patch encoder -> any zoo aggregator -> task loss, trained jointly on slide
+labels (ABMILX paper, Tang, Qin et al., Eq. 1; specs/abmilx.md §2.1-2.3, §2.7).
+
+Reading order:
+
+1. ``E2ESlide`` holds one slide: its main- and low-scale patch grids and, on CPU (``patch_cache=True``), the
+   uint8 patch banks ``[N, p, p, 3]`` from ``milstudy.data.patches.extract_patch_bank``; without banks patches are
+   read through OpenSlide (``PatchDataset``) inside DataLoader workers. ``slides_from_manifest`` builds them.
+2. Each epoch a ``_TrainSlides`` dataset draws ``s`` instances per slide (``milstudy.data.sampling``: MRIS,
+   single-scale random, regional, or attention top-k), deterministically from ``(seed, epoch, slide)``. Several
+   slides form a batch; a slide with fewer patches than ``s`` follows the repeat rule (padding by random repetition
+   when ``batch_slides > 1``).
+3. ``train_step``: augmentation (flips + RandomResizedCrop(scale=(c, 1)), no colour; spec §2.3), all ``B * s``
+   patches encoded in one batch (BN statistics from that batch), the aggregator per slide, task loss + auxiliary
+   losses, optimiser step (Adam/AdamW, cosine with warmup, from ``milstudy.train.trainer``), EMA update. AMP and
+   channels_last on CUDA.
+4. ``evaluate_slides``: every main-scale patch of a slide, encoded in chunks of ``eval_chunk`` under no-grad
+   (chunked = unchunked), then the aggregator once on the whole bag; predictions, attention ``[heads, N]`` and
+   optionally instance features.
+5. Model selection and early stopping on the validation split only; the test split is evaluated once at the end.
+   A slide that cannot be read is skipped, logged and counted; running out of memory raises an error naming the
+   settings to lower (``batch_slides``, ``s``, ``eval_chunk``).
+
+``python -m milstudy.train.e2e --config C.yaml`` (also under ``torchrun``) runs one configuration; see ``main``.
+``run_grid`` runs named configurations over seeds for the study notebooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from milstudy.data import sampling as S
+from milstudy.models.base import MILOutput, build_model
+from milstudy.train.tasks import Task
+from milstudy.train.trainer import EMA, build_optimizer, cosine_schedule, seed_everything, set_lr
+from milstudy.train.trainer import _better as _improved  # same selection rule as the two-stage trainer
+
+log = logging.getLogger("milstudy.e2e")
+
+SAMPLERS = ("mris", "random", "regional", "attention")
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class E2EConfig:
+    """Everything an end-to-end run depends on (defaults: specs/abmilx.md §5.5, profile S).
+
+    encoder / encoder_weights / encoder_kwargs: ``milstudy.encoders.build_encoder`` arguments (weights = local file).
+    aggregator / aggregator_kwargs: ``milstudy.models.build_model`` arguments (any zoo model).
+    sampler: "mris" | "random" (single scale) | "regional" | "attention" (EMA top-k; the expensive baseline).
+    s: instances per slide per step; ratio: MRIS multi-scale ratio r (n_low = floor(s/r); inf = single scale);
+        regions: g of the g x g regional grid.
+    epochs, lr, weight_decay, optimizer ("adamw" | "adam"), betas, warmup_epochs, min_lr_ratio: optimisation
+        (cosine schedule per step with linear warmup). grad_clip: max gradient norm or None.
+    batch_slides: slides per optimisation step (per process under DDP).
+    crop_size: encoder input size (None = the stored patch size). rrc_scale_min: c of RandomResizedCrop(scale=(c,1))
+        (1.0 = no crop); hflip / vflip: random flips. No colour augmentation (spec §2.3).
+    amp, channels_last: CUDA only. ema_decay: whole-model EMA (None = off; attention sampling always keeps one, at
+        ``attention_ema_decay`` if ``ema_decay`` is None). eval_chunk: patches per encoder call at evaluation.
+    monitor: validation metric for selection ("auto" = the task's primary metric, "loss", or a metric name);
+        patience / min_epochs: early stopping. seed: everything (init, sampling order, augmentation).
+    device: "auto" | "cpu" | "cuda" | "cuda:1". num_workers: DataLoader workers. patch_cache: train from in-memory
+        patch banks (True) or read from the slides through OpenSlide (False).
+    snapshot_slides: slide ids whose attention is recorded every epoch; sync_bn: SyncBatchNorm under DDP (CUDA).
+    """
+
+    encoder: str = "tiny_cnn"
+    encoder_weights: str | None = None
+    encoder_kwargs: dict = field(default_factory=dict)
+    aggregator: str = "abmilx"
+    aggregator_kwargs: dict = field(default_factory=dict)
+    sampler: str = "mris"
+    s: int = 64
+    ratio: float = 4.0
+    regions: int = 2
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 2.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    batch_slides: int = 2
+    crop_size: int | None = None
+    rrc_scale_min: float = 0.25
+    hflip: bool = True
+    vflip: bool = True
+    amp: bool = True
+    channels_last: bool = True
+    ema_decay: float | None = None
+    attention_ema_decay: float = 0.99
+    eval_chunk: int = 2048
+    monitor: str = "auto"
+    patience: int | None = None
+    min_epochs: int = 0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    patch_cache: bool = True
+    snapshot_slides: Sequence[str] = ()
+    sync_bn: bool = False
+    quiet: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"E2EConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.s < 1 or self.batch_slides < 1 or self.epochs < 1 or self.eval_chunk < 1:
+            raise ValueError("E2EConfig: s, batch_slides, epochs and eval_chunk must be >= 1")
+        if not 0.0 < self.rrc_scale_min <= 1.0:
+            raise ValueError(f"E2EConfig.rrc_scale_min must be in (0, 1], got {self.rrc_scale_min}")
+        self.ratio = float(self.ratio)
+        if not self.ratio >= 1.0:
+            raise ValueError(f"E2EConfig.ratio (MRIS r) must be >= 1 or inf, got {self.ratio}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["snapshot_slides"] = list(self.snapshot_slides)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "E2EConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown E2EConfig field(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("ratio"), str):
+            values["ratio"] = float(values["ratio"])  # "inf" from YAML
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------------------ slides
+class UnreadableSlideError(RuntimeError):
+    """A slide whose patches cannot be read (file gone, corrupt); the trainer skips and counts it."""
+
+
+@dataclass
+class E2ESlide:
+    """One slide for end-to-end training.
+
+    main / low: uint8 patch banks ``[N, p, p, 3]`` / ``[M, p, p, 3]`` (None: read from ``path`` through OpenSlide
+    with ``main_grid`` / ``low_grid``). coords: int ``[N, 2]`` level-0 main-scale coordinates.
+    target: the raw target (label, or ``(time, event)`` for survival). instance_labels: optional int ``[N]``.
+    """
+
+    slide_id: str
+    target: Any
+    coords: np.ndarray
+    main: np.ndarray | None = None
+    low: np.ndarray | None = None
+    path: str | None = None
+    main_grid: Any = None
+    low_grid: Any = None
+    instance_labels: np.ndarray | None = None
+
+    @property
+    def n_main(self) -> int:
+        return len(self.coords)
+
+    @property
+    def n_low(self) -> int:
+        if self.low is not None:
+            return len(self.low)
+        return len(self.low_grid) if self.low_grid is not None else 0
+
+    def read(self, scale: str, indices: np.ndarray) -> np.ndarray:
+        """uint8 ``[len(indices), p, p, 3]`` patches of ``scale`` ("main" | "low"); UnreadableSlideError on failure."""
+        bank = self.main if scale == "main" else self.low
+        if bank is not None:
+            return bank[indices]
+        grid = self.main_grid if scale == "main" else self.low_grid
+        if grid is None or self.path is None:
+            raise UnreadableSlideError(f"slide {self.slide_id}: no {scale}-scale patch bank and no slide path/grid")
+        from milstudy.data.patches import read_patch
+        from milstudy.data.slides import open_slide
+
+        try:
+            slide = open_slide(self.path, mpp=grid.slide_mpp or None)
+            try:
+                return np.stack([read_patch(slide, grid, int(i)) for i in indices])
+            finally:
+                slide.close()
+        except Exception as error:  # noqa: BLE001 - any read failure makes the slide unusable for this step
+            raise UnreadableSlideError(f"slide {self.slide_id} ({self.path}): {type(error).__name__}: {error}") from error
+
+
+def slides_from_manifest(
+    manifest: pd.DataFrame,
+    target_column: str | Sequence[str] = "label",
+    main_mpp: float = 2.0,
+    patch_size: int = 32,
+    low_factor: int = 2,
+    load_banks: bool = True,
+    min_tissue: float = 0.5,
+    progress: bool = True,
+) -> list[E2ESlide]:
+    """Tile every manifest row at two scales (``multiscale_grid``) and, with ``load_banks``, load patch banks.
+
+    ``target_column``: a column name, or ``("survival_months", "event")`` for survival targets. Slides that fail to
+    open or tile are skipped with a warning (the returned list says which were kept).
+    """
+    from tqdm.auto import tqdm
+
+    from milstudy.data.patches import extract_patch_bank
+    from milstudy.data.tiling import multiscale_grid
+
+    out: list[E2ESlide] = []
+    rows = list(manifest.itertuples(index=False))
+    for row in tqdm(rows, desc="tiling + patch banks", disable=not progress):
+        row_d = row._asdict()
+        if isinstance(target_column, str):
+            target = row_d[target_column]
+        else:
+            target = tuple(row_d[c] for c in target_column)
+        try:
+            grids = multiscale_grid(row_d["path"], main_mpp, patch_size, low_factor, min_tissue,
+                                    slide_id=row_d["slide_id"])
+            if grids.main.is_empty:
+                log.warning("slide %s: no tissue patches at %.2f um/px; skipped", row_d["slide_id"], main_mpp)
+                continue
+            main = extract_patch_bank(row_d["path"], grids.main) if load_banks else None
+            low = extract_patch_bank(row_d["path"], grids.low) if load_banks and not grids.low.is_empty else None
+        except Exception as error:  # noqa: BLE001
+            log.warning("slide %s (%s) skipped: %s", row_d["slide_id"], row_d["path"], error)
+            continue
+        out.append(E2ESlide(row_d["slide_id"], target, grids.main.coords, main, low, str(row_d["path"]),
+                            grids.main, grids.low if not grids.low.is_empty else None))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- model
+class E2EModel(nn.Module):
+    """Encoder + aggregator: ``images [B, n, 3, H, W]`` float in [0, 1] -> ``MILOutput`` (logits ``[B, n_out]``)."""
+
+    def __init__(self, encoder: nn.Module, aggregator: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.aggregator = aggregator
+
+    def forward(self, images: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
+        batch, n = images.shape[:2]
+        features = self.encoder(images.flatten(0, 1)).view(batch, n, -1)
+        return self.aggregator(features, coords=coords)
+
+
+def build_e2e_model(config: E2EConfig, n_out: int) -> E2EModel:
+    """Encoder (``build_encoder``) + aggregator (``build_model``), both seeded from ``config.seed``."""
+    from milstudy.encoders import build_encoder
+
+    encoder = build_encoder(config.encoder, weights=config.encoder_weights, seed=config.seed, **config.encoder_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        aggregator = build_model(config.aggregator, encoder.out_dim, n_out, **config.aggregator_kwargs)
+    return E2EModel(encoder, aggregator)
+
+
+# ------------------------------------------------------------------------------------------------- augmentation
+def to_float_images(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., p, p, 3]`` -> float ``[..., 3, p, p]`` in [0, 1]."""
+    return patches.movedim(-1, -3).float().div_(255.0)
+
+
+def random_resized_crop_flip(
+    images: torch.Tensor, out_size: int, scale_min: float, hflip: bool, vflip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Batched geometric augmentation of ``images [K, 3, H, W]`` -> ``[K, 3, out_size, out_size]``.
+
+    RandomResizedCrop with area fraction ~ U(scale_min, 1) and aspect ratio log-uniform in [3/4, 4/3] (torchvision's
+    defaults; boxes that do not fit are clamped to the image instead of redrawn), resampled with
+    ``torchvision.ops.roi_align`` (bilinear, area-averaged), then independent horizontal / vertical flips (p = 0.5).
+    With ``scale_min = 1`` the box is the whole image (aspect-ratio jitter aside).
+    """
+    from torchvision.ops import roi_align
+
+    k, _, height, width = images.shape
+    cpu = dict(generator=generator)
+    if scale_min < 1.0:
+        area = torch.empty(k).uniform_(scale_min, 1.0, **cpu)
+        log_ratio = torch.empty(k).uniform_(math.log(3 / 4), math.log(4 / 3), **cpu)
+        ratio = log_ratio.exp()
+        box_w = (area * ratio).sqrt().clamp(max=1.0) * width
+        box_h = (area / ratio).sqrt().clamp(max=1.0) * height
+        x0 = torch.rand(k, **cpu) * (width - box_w)
+        y0 = torch.rand(k, **cpu) * (height - box_h)
+        boxes = torch.stack([torch.arange(k, dtype=torch.float32), x0, y0, x0 + box_w, y0 + box_h], dim=1)
+        images = roi_align(images, boxes.to(images), output_size=(out_size, out_size), aligned=True)
+    elif out_size != height or out_size != width:
+        images = F.interpolate(images, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    if hflip:
+        flip = (torch.rand(k, **cpu) < 0.5).to(images.device)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    if vflip:
+        flip = (torch.rand(k, **cpu) < 0.5).to(images.device)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-2), images)
+    return images
+
+
+def resize_for_eval(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Test-time resize of ``[K, 3, H, W]`` to ``size`` (upstream stores test patches pre-resized to 224)."""
+    if size is None or (images.shape[-1] == size and images.shape[-2] == size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+class _TrainSlides(Dataset):
+    """Item ``i`` -> dict(patches uint8 ``[n, p, p, 3]``, index, error). Sampling is seeded by (seed, epoch, i)."""
+
+    def __init__(self, slides: Sequence[E2ESlide], config: E2EConfig, epoch: int, pad_to: int | None) -> None:
+        self.slides, self.config, self.epoch, self.pad_to = slides, config, epoch, pad_to
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def sample_indices(self, index: int) -> S.ScaleSample:
+        slide, cfg = self.slides[index], self.config
+        rng = np.random.default_rng([cfg.seed, self.epoch, index])
+        what = f"slide {slide.slide_id}"
+        if cfg.sampler == "mris":
+            return S.sample_multiscale(slide.n_main, slide.n_low, cfg.s, cfg.ratio, rng, self.pad_to, what)
+        if cfg.sampler == "random":
+            return S.ScaleSample(S.sample_random(slide.n_main, cfg.s, rng, self.pad_to, what), np.zeros(0, np.int64))
+        if cfg.sampler == "regional":
+            main = S.sample_regional(slide.coords, cfg.s, cfg.regions, rng, self.pad_to, what)
+            return S.ScaleSample(main, np.zeros(0, np.int64))
+        return S.ScaleSample(np.arange(slide.n_main), np.zeros(0, np.int64))  # attention: all, scored later
+
+    def __getitem__(self, index: int) -> dict:
+        slide = self.slides[index]
+        try:
+            picked = self.sample_indices(index)
+            parts = []
+            if len(picked.low):
+                parts.append(slide.read("low", picked.low))  # low scale first, as upstream
+            parts.append(slide.read("main", picked.main))
+            return {"patches": torch.from_numpy(np.concatenate(parts)), "index": index, "error": None}
+        except (UnreadableSlideError, ValueError) as error:
+            return {"patches": None, "index": index, "error": str(error)}
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------- results
+@dataclass
+class E2EResult:
+    """One end-to-end run: history, validation/test metrics and per-slide outputs at the selected epoch."""
+
+    history: pd.DataFrame
+    best_epoch: int
+    monitor: str
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float] | None
+    test_metrics_last: dict[str, float] | None
+    predictions: pd.DataFrame
+    attention: dict[str, np.ndarray]
+    attention_snapshots: dict[int, dict[str, np.ndarray]]
+    wall_time: float
+    train_time: float
+    n_skipped: int
+    skipped_slides: list[str]
+    config: dict[str, Any]
+    test_metrics_ema: dict[str, float] | None = None
+    model: nn.Module | None = None
+
+
+@dataclass
+class EpochState:
+    """What per-epoch callbacks receive (``model`` is unwrapped, in eval mode, on the training device)."""
+
+    epoch: int
+    model: E2EModel
+    row: dict[str, Any]
+    snapshot: dict[str, np.ndarray]
+    config: E2EConfig
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def _oom_message(config: E2EConfig, where: str) -> str:
+    return (
+        f"out of memory during {where}: lower batch_slides (now {config.batch_slides}) or s (now {config.s}) for "
+        f"training, eval_chunk (now {config.eval_chunk}) for evaluation, or crop_size (now {config.crop_size}); "
+        f"on CUDA keep amp=True (now {config.amp})"
+    )
+
+
+def _unwrap(model: nn.Module) -> E2EModel:
+    return model.module if hasattr(model, "module") and isinstance(model.module, E2EModel) else model
+
+
+@torch.no_grad()
+def encode_chunked(encoder: nn.Module, patches: np.ndarray | torch.Tensor, chunk: int, device: torch.device,
+                   crop_size: int | None = None, amp: bool = False) -> torch.Tensor:
+    """Encode uint8 ``[N, p, p, 3]`` patches in chunks of ``chunk`` under no-grad -> float32 ``[N, D]`` on device."""
+    out = []
+    source = torch.as_tensor(patches)
+    for start in range(0, len(source), chunk):
+        images = resize_for_eval(to_float_images(source[start:start + chunk].to(device)), crop_size)
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp and device.type == "cuda"):
+            out.append(encoder(images).float())
+    return torch.cat(out) if out else torch.zeros(0, getattr(encoder, "out_dim", 0), device=device)
+
+
+@dataclass
+class SlideOutputs:
+    """Evaluation of a set of slides: per-slide predictions, attention ``{id: [heads, N]}``, features ``{id: [N, D]}``."""
+
+    loss: float
+    metrics: dict[str, float]
+    predictions: pd.DataFrame
+    attention: dict[str, np.ndarray]
+    features: dict[str, np.ndarray]
+    skipped: list[str]
+
+
+@torch.no_grad()
+def evaluate_slides(
+    model: E2EModel,
+    slides: Sequence[E2ESlide],
+    task: Task,
+    config: E2EConfig,
+    device: torch.device,
+    return_features: bool = False,
+    with_metrics: bool = True,
+) -> SlideOutputs:
+    """Every main-scale patch of each slide, encoded in chunks of ``config.eval_chunk``, then the aggregator once.
+
+    Unreadable slides are skipped (listed in ``skipped``). Returns metrics from ``task.metrics``.
+    """
+    model.eval()
+    logits_list, targets_raw, ids, attention, features, skipped = [], [], [], {}, {}, []
+    for slide in slides:
+        try:
+            patches = slide.read("main", np.arange(slide.n_main))
+        except UnreadableSlideError as error:
+            log.warning("evaluation: %s; skipped", error)
+            skipped.append(slide.slide_id)
+            continue
+        try:
+            feats = encode_chunked(model.encoder, patches, config.eval_chunk, device, config.crop_size, config.amp)
+            coords = torch.as_tensor(slide.coords, dtype=torch.float32, device=device)[None]
+            output = model.aggregator(feats[None], coords=coords)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if _is_oom(error):
+                raise RuntimeError(_oom_message(config, f"evaluation of slide {slide.slide_id}")) from error
+            raise
+        logits_list.append(output.logits.float())
+        targets_raw.append(slide.target)
+        ids.append(slide.slide_id)
+        if output.attention is not None:
+            attention[slide.slide_id] = output.attention[0].float().cpu().numpy()
+        if return_features:
+            features[slide.slide_id] = feats.cpu().numpy()
+    if not ids:
+        return SlideOutputs(float("nan"), {}, pd.DataFrame(), attention, features, skipped)
+    logits = torch.cat(logits_list)
+    targets = task.make_targets(targets_raw, ids)
+    loss = float(task.loss(logits, targets.to(device)))
+    predictions = task.predict(logits)
+    frame = pd.DataFrame({"slide_id": ids, **task.target_columns(targets), **task.prediction_columns(predictions)})
+    metrics = task.metrics(predictions, targets) if with_metrics else {}
+    return SlideOutputs(loss, metrics, frame, attention, features, skipped)
+
+
+def _select_attention_topk(model: E2EModel, scorer: E2EModel, patches: torch.Tensor, config: E2EConfig,
+                           device: torch.device, pad_to: int | None, rng: np.random.Generator) -> torch.Tensor:
+    """Attention sampling: score all patches with the EMA ``scorer`` under no-grad, keep the top-s by head vote."""
+    feats = encode_chunked(scorer.encoder, patches, config.eval_chunk, device, config.crop_size, config.amp)
+    with torch.no_grad():
+        output = scorer.aggregator(feats[None])
+    if output.attention is None:
+        raise ValueError(f"attention sampling needs an aggregator with attention; {config.aggregator!r} has none")
+    picked = S.topk_by_head_vote(output.attention[0].float().cpu().numpy(), config.s)
+    if pad_to:
+        picked = S.pad_by_repetition(picked, pad_to, rng)
+    return patches[torch.as_tensor(picked)]
+
+
+# ------------------------------------------------------------------------------------------------------- train
+def train_e2e(
+    slides: Mapping[str, Sequence[E2ESlide]],
+    task: Task,
+    config: E2EConfig,
+    callbacks: Sequence[Callable[[EpochState], None]] = (),
+    keep_model: bool = False,
+) -> E2EResult:
+    """Train encoder + aggregator jointly on ``slides["train"]``, select on ``slides["val"]``, test on ``slides["test"]``.
+
+    ``slides``: split name -> list of ``E2ESlide`` ("train" required; "val" and "test" optional; without "val" the
+    last epoch is used). ``task``: a ``milstudy.train.tasks`` task (fitted here on the training targets).
+    ``callbacks``: called after every epoch with an ``EpochState`` (e.g. sparsity / risk logging).
+    Under ``torchrun`` (``WORLD_SIZE > 1``) training runs with DDP; see ``milstudy.train.distributed``.
+    """
+    from milstudy.train import distributed as dist_utils
+
+    start_wall = time.perf_counter()
+    dist = dist_utils.current()
+    device = dist.device if dist.enabled else resolve_device(config.device)
+    seed_everything(config.seed)
+    train_slides = list(slides["train"])
+    val_slides, test_slides = list(slides.get("val", []) or []), list(slides.get("test", []) or [])
+    if not train_slides:
+        raise ValueError("train_e2e: the training split has no slides")
+    task = task.prepare([s.target for s in train_slides], [s.slide_id for s in train_slides])
+    model = build_e2e_model(config, task.n_out).to(device)
+    if device.type == "cuda" and config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.enabled and config.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ema_decay = config.ema_decay or (config.attention_ema_decay if config.sampler == "attention" else None)
+    ema = EMA(model, ema_decay) if ema_decay else None
+    train_model: nn.Module = dist_utils.wrap_ddp(model, device) if dist.enabled else model
+    optimizer = build_optimizer(model.parameters(), config)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    steps_per_epoch = math.ceil(math.ceil(len(train_slides) / dist.world_size) / config.batch_slides)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    pad_to = config.s if config.batch_slides > 1 else None
+    patch_size = (train_slides[0].main.shape[1] if train_slides[0].main is not None
+                  else train_slides[0].main_grid.patch_size)
+    crop = config.crop_size or patch_size
+    monitor = task.primary_metric if config.monitor == "auto" else config.monitor
+    mode = "min" if "loss" in monitor else "max"
+    snapshot_ids = set(config.snapshot_slides)
+    snapshot_pool = [s for s in train_slides + val_slides + test_slides if s.slide_id in snapshot_ids]
+
+    history: list[dict[str, Any]] = []
+    snapshots: dict[int, dict[str, np.ndarray]] = {}
+    best_state, best_epoch, best_value, best_loss, stale = None, -1, None, None, 0
+    skipped: list[str] = []
+    train_time = 0.0
+    step = 0
+    for epoch in range(config.epochs):
+        epoch_start = time.perf_counter()
+        dataset = _TrainSlides(train_slides, config, epoch, pad_to if config.sampler != "attention" else None)
+        sampler = dist_utils.epoch_sampler(len(dataset), dist, config.seed, epoch)
+        loader = DataLoader(dataset, batch_size=config.batch_slides, sampler=sampler, collate_fn=_collate,
+                            num_workers=config.num_workers, persistent_workers=False)
+        aug_gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 1_009 + dist.rank)
+        model.train()
+        losses, n_seen = [], 0
+        for batch in loader:
+            good = []
+            for item in batch:
+                if item["error"] is not None:
+                    sid = train_slides[item["index"]].slide_id
+                    log.warning("epoch %d: slide %s skipped: %s", epoch, sid, item["error"])
+                    skipped.append(sid)
+                else:
+                    good.append(item)
+            if dist.enabled:  # every rank must step together: a rank without slides would hang the all-reduce
+                good = dist_utils.agree_nonempty(good)
+            if not good:
+                continue
+            patches = [item["patches"] for item in good]
+            if config.sampler == "attention":
+                rng = np.random.default_rng([config.seed, epoch, step])
+                patches = [_select_attention_topk(model, ema.module, p, config, device, pad_to, rng) for p in patches]
+            sizes = {len(p) for p in patches}
+            if len(sizes) > 1:  # only possible with batch_slides > 1 and no padding; keep the batch square
+                n_min = min(sizes)
+                patches = [p[:n_min] for p in patches]
+            stacked = torch.stack(patches).to(device, non_blocking=True)  # [B, n, p, p, 3]
+            b, n = stacked.shape[:2]
+            images = random_resized_crop_flip(to_float_images(stacked.flatten(0, 1)), crop, config.rrc_scale_min,
+                                              config.hflip, config.vflip, aug_gen).view(b, n, 3, crop, crop)
+            targets = task.make_targets([train_slides[i["index"]].target for i in good],
+                                        [train_slides[i["index"]].slide_id for i in good]).to(device)
+            set_lr(optimizer, config.lr * cosine_schedule(step, total_steps, warmup_steps, config.min_lr_ratio))
+            try:
+                with torch.autocast(device_type="cuda", dtype=torch.float16,
+                                    enabled=config.amp and device.type == "cuda"):
+                    output = train_model(images)
+                    loss = task.loss(output.logits.float(), targets)
+                    for aux in output.aux_losses.values():
+                        loss = loss + aux
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if _is_oom(error):
+                    raise RuntimeError(_oom_message(config, f"training epoch {epoch}")) from error
+                raise
+            if ema is not None:
+                ema.update(model)
+            losses.append(float(loss.detach()))
+            n_seen += b
+            step += 1
+        if dist.enabled:
+            dist_utils.sync_buffers(model)
+        train_time += time.perf_counter() - epoch_start
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                               "lr": optimizer.param_groups[0]["lr"], "slides": n_seen,
+                               "epoch_time": time.perf_counter() - epoch_start}
+        if val_slides:
+            val = evaluate_slides(model, val_slides, task, config, device)
+            row["val_loss"] = val.loss
+            row.update({f"val_{k}": v for k, v in val.metrics.items()})
+            value = val.loss if monitor == "loss" else val.metrics.get(monitor, float("nan"))
+            if _improved(value, val.loss, best_value, best_loss, mode):
+                best_value, best_loss, best_epoch, stale = value, val.loss, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+        else:
+            best_epoch, best_state = epoch, None
+        snapshot = {}
+        if snapshot_pool:
+            snapshot = evaluate_slides(model, snapshot_pool, task, config, device, with_metrics=False).attention
+            snapshots[epoch] = snapshot
+        history.append(row)
+        if dist.is_main and not config.quiet:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        if callbacks:
+            model.eval()
+            for callback in callbacks:
+                callback(EpochState(epoch, model, row, snapshot, config))
+        if config.patience is not None and stale > config.patience and epoch + 1 >= config.min_epochs:
+            break
+
+    last_state = copy.deepcopy(model.state_dict()) if best_state is not None else None
+    test_last = None
+    if test_slides and last_state is not None:
+        test_last = evaluate_slides(model, test_slides, task, config, device).metrics
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    val_out = evaluate_slides(model, val_slides, task, config, device) if val_slides else None
+    test_out = evaluate_slides(model, test_slides, task, config, device) if test_slides else None
+    if test_out is not None and test_last is None:
+        test_last = test_out.metrics
+    test_ema = evaluate_slides(ema.module, test_slides, task, config, device).metrics if (ema and test_slides) else None
+    frames, attention = [], {}
+    for split, out in (("val", val_out), ("test", test_out)):
+        if out is not None and len(out.predictions):
+            frames.append(out.predictions.assign(split=split))
+            attention.update(out.attention)
+            skipped += out.skipped
+    return E2EResult(
+        history=pd.DataFrame(history),
+        best_epoch=best_epoch,
+        monitor=monitor,
+        val_metrics=val_out.metrics if val_out else {},
+        test_metrics=test_out.metrics if test_out else None,
+        test_metrics_last=test_last,
+        predictions=pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(),
+        attention=attention,
+        attention_snapshots=snapshots,
+        wall_time=time.perf_counter() - start_wall,
+        train_time=train_time,
+        n_skipped=len(skipped),
+        skipped_slides=skipped,
+        config=config.to_dict(),
+        test_metrics_ema=test_ema,
+        model=model if keep_model else None,
+    )
+
+
+
+# ------------------------------------------------------------------------------------------------- data sources
+def toy_slides(n_slides: int, n_patches: int = 24, size: int = 16, seed: int = 0, n_low: int = 8,
+               witness_rate: float = 0.25) -> list[E2ESlide]:
+    """A hand-built in-memory cohort for tests and benchmarks: grey-noise patches, label 1 on odd slides, whose
+    ``witness_rate`` share of main-scale patches is red (``instance_labels`` = 1). No slide files involved."""
+    rng = np.random.default_rng(seed)
+    out = []
+    side = int(np.ceil(np.sqrt(n_patches)))
+    coords = np.stack([np.arange(n_patches) % side, np.arange(n_patches) // side], 1) * 64
+    for i in range(n_slides):
+        label = i % 2
+        main = rng.integers(90, 160, size=(n_patches, size, size, 3), dtype=np.uint8)
+        low = rng.integers(90, 160, size=(n_low, size, size, 3), dtype=np.uint8)
+        truth = np.zeros(n_patches, np.int64)
+        if label:
+            witness = rng.choice(n_patches, size=max(1, int(round(n_patches * witness_rate))), replace=False)
+            main[witness, :, :, 0], main[witness, :, :, 1:] = 230, 40
+            truth[witness] = 1
+        out.append(E2ESlide(f"toy_{i:03d}", label, coords.copy(), main, low, instance_labels=truth))
+    return out
+
+
+def split_slides(slides: Sequence[E2ESlide], splits: Mapping[str, str]) -> dict[str, list[E2ESlide]]:
+    """Group slides by ``splits[slide_id]`` ("train" | "val" | "test"); slides without a split are left out."""
+    out: dict[str, list[E2ESlide]] = {"train": [], "val": [], "test": []}
+    for slide in slides:
+        split = splits.get(slide.slide_id)
+        if split in out:
+            out[split].append(slide)
+    return out
+
+
+def build_task(spec: Mapping[str, Any] | None, targets: Sequence[Any]) -> Task:
+    """A task from a config mapping ``{type: classification|grading|survival, classes: [...], n_bins: 4}``."""
+    from milstudy.train.tasks import ClassificationTask, GradingTask, SurvivalTask
+
+    spec = dict(spec or {})
+    kind = spec.pop("type", "classification")
+    if kind == "classification":
+        classes = spec.pop("classes", None) or sorted({t for t in targets})
+        return ClassificationTask(classes, **spec)
+    if kind == "grading":
+        return GradingTask(**spec)
+    if kind == "survival":
+        return SurvivalTask(**spec)
+    raise ValueError(f"task type must be classification, grading or survival, got {kind!r}")
+
+
+def load_data(spec: Mapping[str, Any], seed: int = 0, load_banks: bool = True) -> tuple[dict[str, list[E2ESlide]], Task]:
+    """Slides per split and the task from a run file's data section.
+
+    ``spec`` keys: ``toy: {n_slides: 8, ...}`` (in-memory toy cohort) | ``cohort: {profile: smoke}`` (synthetic
+    cohort from ``milstudy.data.synthetic.cohort_for_profile``) | ``manifest: path`` + ``slide_root``; plus
+    ``task`` (see ``build_task``), ``main_mpp``, ``patch_size``, ``low_factor``, ``target`` (column name, or
+    ``[survival_months, event]``).
+    """
+    task_spec = spec.get("task")
+    if "toy" in spec:
+        slides = toy_slides(**spec["toy"])
+        n = len(slides)
+        n_val = max(2, n // 5)
+        splits = {s.slide_id: ("val" if i >= n - n_val else "train") for i, s in enumerate(slides)}
+        return split_slides(slides, splits), build_task(task_spec, [s.target for s in slides])
+    if "cohort" in spec:
+        from milstudy.data.synthetic import cohort_for_profile
+
+        cohort = cohort_for_profile(**{"seed": seed, **spec["cohort"]})
+        manifest = cohort.manifest
+    elif "manifest" in spec:
+        from milstudy.data.manifests import load_manifest
+
+        manifest = load_manifest(spec["manifest"], slide_root=spec.get("slide_root"))
+    else:
+        raise ValueError("data spec needs one of 'toy', 'cohort' or 'manifest' (with 'slide_root')")
+    if "split" not in manifest.columns:
+        from milstudy.data.manifests import patient_split
+
+        manifest = patient_split(manifest, seed=seed)
+    target = spec.get("target", "label")
+    slides = slides_from_manifest(manifest, target if isinstance(target, str) else tuple(target),
+                                  float(spec.get("main_mpp", 2.0)), int(spec.get("patch_size", 32)),
+                                  int(spec.get("low_factor", 2)), load_banks=load_banks)
+    splits = dict(zip(manifest["slide_id"].astype(str), manifest["split"].astype(str)))
+    return split_slides(slides, splits), build_task(task_spec, [s.target for s in slides])
+
+
+# -------------------------------------------------------------------------------------------------------- grids
+def run_grid(
+    configs: Mapping[str, E2EConfig],
+    data: Mapping[str, Sequence[E2ESlide]],
+    task: Task,
+    seeds: Sequence[int],
+    callbacks: Sequence[Callable[[EpochState], None]] = (),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train every named config for every seed; one row per run with test/val metrics, epochs and wall time."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    jobs = [(name, seed) for name in configs for seed in seeds]
+    for name, seed in tqdm(jobs, desc="E2E runs", disable=not progress):
+        config = replace(configs[name], seed=int(seed))
+        result = train_e2e(data, task, config, callbacks)
+        row = {"run": name, "seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
+               "wall_time_s": result.wall_time, "train_time_s": result.train_time, "skipped": result.n_skipped}
+        row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
+        row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize_grid(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean ± std over seeds per run for ``metrics`` (columns of ``run_grid``'s frame) and wall time."""
+    cols = [m for m in metrics if m in frame] + ["wall_time_s"]
+    grouped = frame.groupby("run", sort=False)[cols]
+    mean, std = grouped.mean(), grouped.std(ddof=0)
+    out = pd.DataFrame(index=mean.index)
+    for col in cols:
+        out[col] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[col], std[col])]
+        out[f"{col}_mean"] = mean[col]
+    out["n_seeds"] = grouped.size()
+    return out.reset_index()
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m milstudy.train.e2e --config C.yaml`` (or under ``torchrun --nproc_per_node=N``).
+
+    The YAML holds E2EConfig fields plus a ``data`` section (see ``load_data``) and an optional ``out`` folder where
+    rank 0 writes ``history.csv``, ``metrics.json``, ``predictions.csv`` and ``model.safetensors``.
+    """
+    import json
+
+    import yaml
+
+    from milstudy.train import distributed as dist_utils
+
+    parser = argparse.ArgumentParser(prog="python -m milstudy.train.e2e", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="YAML: E2EConfig fields + data: {...} + out: DIR")
+    args = parser.parse_args(argv)
+    path = Path(args.config)
+    if not path.is_file():
+        parser.error(f"config file {path} not found")
+    spec = yaml.safe_load(path.read_text()) or {}
+    data_spec = spec.pop("data", None)
+    out_dir = spec.pop("out", None)
+    if data_spec is None:
+        parser.error(f"{path}: needs a 'data' section (toy / cohort / manifest)")
+    config = E2EConfig.from_dict(spec)
+    dist = dist_utils.init_from_env(config.device)
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")
+    try:
+        data, task = load_data(data_spec, seed=config.seed, load_banks=config.patch_cache)
+        result = train_e2e(data, task, config, keep_model=True)
+        if dist.is_main:
+            summary = {"val": result.val_metrics, "test": result.test_metrics, "best_epoch": result.best_epoch,
+                       "wall_time_s": result.wall_time, "skipped": result.skipped_slides,
+                       "world_size": dist.world_size, "final_train_loss": float(result.history["train_loss"].iloc[-1])}
+            print(json.dumps(summary, default=float))
+            if out_dir:
+                from milstudy.train.checkpoint import atomic_write_json, save_weights
+
+                out = Path(out_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                result.history.to_csv(out / "history.csv", index=False)
+                result.predictions.to_csv(out / "predictions.csv", index=False)
+                atomic_write_json({**summary, "config": result.config}, out / "metrics.json")
+                save_weights(result.model.state_dict(), out / "model.safetensors")
+        if dist.enabled and out_dir:
+            from milstudy.train.checkpoint import save_weights
+
+            save_weights(result.model.state_dict(), Path(out_dir) / f"model_rank{dist.rank}.safetensors")
+    finally:
+        dist_utils.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""End-to-end trainer: learning on a toy cohort, chunked = unchunked evaluation, unreadable slides, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from milstudy.train.e2e import (
+    E2EConfig,
+    E2ESlide,
+    build_e2e_model,
+    encode_chunked,
+    evaluate_slides,
+    random_resized_crop_flip,
+    train_e2e,
+)
+from milstudy.train.tasks import ClassificationTask
+
+from e2e_toy import TOY_MODEL, make_toy_slides
+
+
+def _config(**kw) -> E2EConfig:
+    base = dict(encoder="tiny_cnn", encoder_kwargs={"widths": (8, 16, 32, 64)}, aggregator=TOY_MODEL, s=12,
+                ratio=4, epochs=3, lr=3e-3, warmup_epochs=0, batch_slides=2, device="cpu", eval_chunk=7)
+    base.update(kw)
+    return E2EConfig(**base)
+
+
+def test_training_lowers_the_loss_and_selects_on_validation():
+    slides = make_toy_slides(12)
+    result = train_e2e({"train": slides[:8], "val": slides[8:10], "test": slides[10:]},
+                       ClassificationTask(2), _config(epochs=4))
+    losses = result.history["train_loss"].to_numpy()
+    assert losses[-1] < losses[0], losses
+    assert "val_auc" in result.history and 0 <= result.best_epoch < 4
+    assert set(result.predictions["split"]) == {"val", "test"} and result.test_metrics is not None
+    assert result.n_skipped == 0 and result.wall_time > 0
+    heads_n = result.attention["toy_011"].shape
+    assert heads_n == (1, 24)  # evaluation uses every main-scale patch
+
+
+def test_chunked_evaluation_equals_unchunked():
+    slides = make_toy_slides(4)
+    config = _config()
+    model = build_e2e_model(config, 2).eval()
+    one = evaluate_slides(model, slides, ClassificationTask(2), E2EConfig(**{**config.to_dict(), "eval_chunk": 1000}),
+                          torch.device("cpu"), return_features=True)
+    many = evaluate_slides(model, slides, ClassificationTask(2), E2EConfig(**{**config.to_dict(), "eval_chunk": 5}),
+                           torch.device("cpu"), return_features=True)
+    for sid in one.features:
+        torch.testing.assert_close(torch.from_numpy(one.features[sid]), torch.from_numpy(many.features[sid]),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(one.attention[sid], many.attention[sid], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(one.predictions["prob_1"], many.predictions["prob_1"], rtol=1e-5, atol=1e-7)
+
+
+def test_unreadable_slide_mid_training_is_skipped_and_counted():
+    slides = make_toy_slides(6)
+
+    class FlakySlide(E2ESlide):
+        calls = 0
+
+        def read(self, scale, indices):
+            FlakySlide.calls += 1
+            if FlakySlide.calls > 2:  # readable at first, unreadable from the second epoch on
+                from milstudy.train.e2e import UnreadableSlideError
+
+                raise UnreadableSlideError(f"slide {self.slide_id}: file vanished")
+            return super().read(scale, indices)
+
+    broken = FlakySlide(**{k: getattr(slides[0], k) for k in ("slide_id", "target", "coords", "main", "low")})
+    result = train_e2e({"train": [broken, *slides[1:4]], "val": slides[4:]}, ClassificationTask(2),
+                       _config(epochs=3, batch_slides=2))
+    assert result.n_skipped >= 1 and "toy_000" in result.skipped_slides
+    assert len(result.history) == 3 and np.isfinite(result.history["train_loss"]).all()
+
+
+def test_all_samplers_train_one_epoch():
+    slides = make_toy_slides(6)
+    for sampler in ("random", "regional", "attention"):
+        result = train_e2e({"train": slides[:4], "val": slides[4:]}, ClassificationTask(2),
+                           _config(sampler=sampler, epochs=1, regions=2))
+        assert np.isfinite(result.history["train_loss"]).all(), sampler
+
+
+def test_augmentation_identity_and_shapes():
+    images = torch.rand(5, 3, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    same = random_resized_crop_flip(images, 16, 1.0, False, False, gen)
+    torch.testing.assert_close(same, images)
+    cropped = random_resized_crop_flip(images, 12, 0.25, True, True, gen)
+    assert cropped.shape == (5, 3, 12, 12) and cropped.min() >= 0 and cropped.max() <= 1
+
+
+def test_encode_chunked_matches_batch():
+    model = build_e2e_model(_config(), 2).eval()
+    patches = np.random.default_rng(0).integers(0, 255, size=(9, 16, 16, 3), dtype=np.uint8)
+    full = encode_chunked(model.encoder, patches, 100, torch.device("cpu"))
+    torch.testing.assert_close(encode_chunked(model.encoder, patches, 2, torch.device("cpu")), full,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="sampler"):
+        E2EConfig(sampler="magic")
+    with pytest.raises(ValueError, match="unknown E2EConfig field"):
+        E2EConfig.from_dict({"s": 8, "batch": 3})
+    assert E2EConfig.from_dict({"ratio": "inf"}).ratio == float("inf")
