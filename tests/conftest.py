@@ -1,0 +1,57 @@
+"""Shared pytest fixtures: a throw-away study (notebooks dir, studies.yaml, results root) built from tests/fixtures."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+FIXTURE_STUDIES = """\
+notebooks:
+  bad:
+    paper: none
+    title: "Always raises in its third cell"
+  good:
+    paper: test
+    title: "Saves a figure, a table and what it saw"
+    parameters: {epochs: 3}
+    profiles:
+      smoke: {lr: 0.5}
+      cpu: {}
+"""
+
+
+@dataclass
+class StudyTree:
+    notebooks_dir: Path
+    studies_file: Path
+    results_root: Path
+
+    def locations(self) -> dict[str, Path]:
+        """Keyword arguments for milstudy.runner.run_batch / write_report."""
+        return {"notebooks_dir": self.notebooks_dir, "studies_file": self.studies_file,
+                "results_root": self.results_root}
+
+    def cli_options(self) -> list[str]:
+        return ["--notebooks-dir", str(self.notebooks_dir), "--studies", str(self.studies_file),
+                "--results-root", str(self.results_root)]
+
+
+def make_study_tree(root: Path) -> StudyTree:
+    """Copy the fixture notebooks into ``root/notebooks`` with a studies.yaml; results go to ``root/results``."""
+    notebooks = root / "notebooks"
+    notebooks.mkdir(parents=True)
+    for path in FIXTURES.glob("*.ipynb"):
+        shutil.copy(path, notebooks / path.name)
+    studies = notebooks / "studies.yaml"
+    studies.write_text(FIXTURE_STUDIES)
+    return StudyTree(notebooks, studies, root / "results")
+
+
+@pytest.fixture
+def study_tree(tmp_path: Path) -> StudyTree:
+    return make_study_tree(tmp_path)
