@@ -126,7 +126,9 @@ def _instance_labels(row: pd.Series, root: Path | None, coords: np.ndarray, size
     mask_path = Path(str(mask_path))
     if not mask_path.is_absolute() and root is not None:
         mask_path = root / mask_path
-    fraction, labels = instance_labels(mask_path, coords, size_level0)
+    downsample = row.get("mask_downsample")
+    fraction, labels = instance_labels(mask_path, coords, size_level0,
+                                       mask_downsample=None if downsample is None else float(downsample))
     return {"tumour_fraction": np.asarray(fraction, np.float32), "instance_labels": np.asarray(labels, np.int64)}
 
 

@@ -97,3 +97,17 @@ def test_cli_reports_errors_with_exit_code(cohort, tmp_path, capsys):
                  "--slide-root", str(root), "--mpp", "4.0", "--patch-size", "32", "--workers", "0", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 1 and "empty 1" in out and "error gone" in out
+
+
+def test_manifest_mask_path_writes_instance_labels(cohort, tmp_path):
+    from PIL import Image
+
+    root, manifest = cohort
+    label_map = np.ones((192, 192), np.uint8)  # 4 level-0 px per mask px; tumour (2) in the left half
+    label_map[:, :96] = 2
+    Image.fromarray(label_map).save(tmp_path / "tissue_mask.png")
+    rows = manifest.iloc[:1].assign(mask_path=str(tmp_path / "tissue_mask.png"), mask_downsample=4.0)
+    extract_features(rows, "tiny_cnn", tmp_path / "bags", slide_root=root, **OPTIONS)
+    bag = BagDataset(rows, tmp_path / "bags")[0]
+    expected = (bag.coords[:, 0] < 384).long()  # 64-px patches entirely left of x = 384
+    assert torch.equal(bag.instance_labels, expected) and 0 < expected.sum() < len(expected)

@@ -184,6 +184,9 @@ class BagDataset(Dataset):
     Slides with an empty bag are skipped and recorded in ``skipped`` (slide_id, reason) with a warning.
     ``lazy=False`` reads every bag at construction. Instance labels come from the feature file's
     ``instance_labels`` dataset or, with ``instance_label_dir``, from ``<slide_id>.h5``/``.npy`` there.
+    ``by_case=True`` makes one bag per case (``case_id``): the union of its slides' instances in manifest order
+    (case-level survival, e.g. ``tcga_brca_survival.csv``); the bag's ``slide_id`` is then the case id and its
+    slides must share one target.
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class BagDataset(Dataset):
         classes: Sequence | None = None,
         lazy: bool = True,
         instance_label_dir: str | os.PathLike | None = None,
+        by_case: bool = False,
     ):
         from milstudy.data.manifests import load_manifest
 
@@ -240,7 +244,21 @@ class BagDataset(Dataset):
         if len(dims) > 1:
             raise BagError(f"feature files in {self.feature_dir} have different feature dimensions {sorted(dims)}")
         self.feature_dim = dims.pop() if dims else None
-        self.targets = [self._target(row) for _, row in self.manifest.iterrows()]
+        slide_targets = [self._target(row) for _, row in self.manifest.iterrows()]
+        if by_case:
+            cases = self.manifest["case_id"].astype(str)
+            self.groups = [list(np.nonzero((cases == case).to_numpy())[0]) for case in pd.unique(cases)]
+            for members in self.groups:
+                first = slide_targets[members[0]]
+                if any(not _same_target(first, slide_targets[m]) for m in members[1:]):
+                    raise BagError(f"case '{cases.iloc[members[0]]}': its slides have different targets "
+                                   f"{[slide_targets[m] for m in members]}; by_case needs one target per case")
+            self.n_instances = [sum(self.n_instances[m] for m in members) for members in self.groups]
+        else:
+            self.groups = [[i] for i in range(len(self.manifest))]
+        self.targets = [slide_targets[members[0]] for members in self.groups]
+        self._slide_targets = slide_targets
+        self.by_case = by_case
         self._cache = None if lazy else [self._load(i) for i in range(len(self))]
 
     @staticmethod
@@ -265,9 +283,21 @@ class BagDataset(Dataset):
         return _class_index(self.classes, value, row["slide_id"])
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.groups)
 
     def _load(self, index: int) -> Bag:
+        bags = [self._load_slide(i) for i in self.groups[index]]
+        if not self.by_case:
+            return bags[0]
+
+        def join(parts):
+            return None if any(p is None for p in parts) else torch.cat(parts)
+
+        return Bag(features=torch.cat([b.features for b in bags]), slide_id=str(bags[0].case_id),
+                   target=self.targets[index], coords=join([b.coords for b in bags]),
+                   instance_labels=join([b.instance_labels for b in bags]), case_id=bags[0].case_id)
+
+    def _load_slide(self, index: int) -> Bag:
         row = self.manifest.iloc[index]
         slide_id = str(row["slide_id"])
         data = read_feature_file(self.paths[index], slide_id)
@@ -280,7 +310,7 @@ class BagDataset(Dataset):
         return Bag(
             features=torch.from_numpy(data["features"]),
             slide_id=slide_id,
-            target=self.targets[index],
+            target=self._slide_targets[index],
             coords=None if data["coords"] is None else torch.from_numpy(data["coords"]),
             instance_labels=None if labels is None else torch.from_numpy(labels),
             case_id=None if pd.isna(row.get("case_id")) else str(row.get("case_id")),
@@ -291,7 +321,15 @@ class BagDataset(Dataset):
 
     @property
     def slide_ids(self) -> list[str]:
-        return [str(s) for s in self.manifest["slide_id"]]
+        """Ids of the bags: slide ids, or case ids with ``by_case``."""
+        column = "case_id" if self.by_case else "slide_id"
+        return [str(self.manifest[column].iloc[members[0]]) for members in self.groups]
+
+
+def _same_target(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 # ------------------------------------------------------------------------------------------------ classic MIL

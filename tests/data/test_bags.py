@@ -133,3 +133,19 @@ def test_class_balanced_sampler_balances_classes():
     assert abs(drawn.mean() - 0.5) < 0.05
     drawn = np.array(labels)[list(class_balanced_sampler(labels, ratio=3.0, num_samples=4000, seed=1))]
     assert abs(drawn.mean() - 30 / 120) < 0.05
+
+
+def test_case_level_bags_are_the_union_of_their_slides(tmp_path):
+    _h5(tmp_path / "a1.h5", np.ones((2, 3), np.float32), np.zeros((2, 2)))
+    _h5(tmp_path / "a2.h5", 2 * np.ones((3, 3), np.float32), np.ones((3, 2)))
+    _h5(tmp_path / "b1.h5", np.zeros((1, 3), np.float32), np.zeros((1, 2)))
+    df = pd.DataFrame({"slide_id": ["a1", "b1", "a2"], "case_id": ["A", "B", "A"], "path": ["x", "y", "z"],
+                       "survival_months": [5.0, 7.0, 5.0], "event": [1, 0, 1]})
+    ds = BagDataset(df, tmp_path, target="survival", by_case=True)
+    assert len(ds) == 2 and ds.slide_ids == ["A", "B"] and ds.n_instances == [5, 1]
+    bag = ds[0]
+    assert bag.slide_id == "A" and bag.features[:, 0].tolist() == [1, 1, 2, 2, 2] and bag.coords.shape == (5, 2)
+    assert bag.target.tolist() == [5.0, 1.0]
+    df.loc[2, "survival_months"] = 6.0
+    with pytest.raises(BagError, match="case 'A': its slides have different targets"):
+        BagDataset(df, tmp_path, target="survival", by_case=True)
