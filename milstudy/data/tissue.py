@@ -34,10 +34,11 @@ class TissueMask:
         return not bool(self.mask.any())
 
 
-def choose_mask_level(slide: Slide, max_size: int = 2048) -> int:
-    """The highest-resolution level whose longer side is at most ``max_size`` (the last level if none is)."""
+def choose_mask_level(slide: Slide, max_size: int = 4096, min_mpp: float = 2.0) -> int:
+    """The finest level that is at least ``min_mpp`` µm/px coarse and at most ``max_size`` px on its longer side
+    (the last level if none qualifies): fine enough for 32-px patches at 2 µm/px, cheap on 40k-px slides."""
     for level, (w, h) in enumerate(slide.level_dimensions):
-        if max(w, h) <= max_size:
+        if slide.level_mpp(level) >= min_mpp * 0.98 and max(w, h) <= max_size:
             return level
     return slide.level_count - 1
 
@@ -45,15 +46,18 @@ def choose_mask_level(slide: Slide, max_size: int = 2048) -> int:
 def segment_tissue(
     slide_or_thumb: Slide | np.ndarray,
     *,
-    max_size: int = 2048,
+    max_size: int = 4096,
+    min_mask_mpp: float = 2.0,
     min_saturation: float = 0.06,
     closing_um: float = 8.0,
-    min_area_um2: float = 4.0e4,
+    min_area_um2: float = 2.0e4,
     max_hole_um2: float = 4.0e3,
     thumb_mpp: float | None = None,
     thumb_downsample: tuple[float, float] = (1.0, 1.0),
 ) -> TissueMask:
     """Segment tissue on a slide (read at the level chosen by :func:`choose_mask_level`) or on an RGB thumbnail.
+
+    Returns a :class:`TissueMask` (bool ``[h, w]`` + downsample + parameters).
 
     ``min_saturation`` floors the Otsu threshold so that an empty (all-glass) slide gives an empty mask.
     Sizes are physical (µm, µm²); for a bare thumbnail pass ``thumb_mpp`` (µm per thumbnail px) and
@@ -64,7 +68,7 @@ def segment_tissue(
 
     if isinstance(slide_or_thumb, Slide):
         slide = slide_or_thumb
-        level = choose_mask_level(slide, max_size)
+        level = choose_mask_level(slide, max_size, min_mask_mpp)
         rgb = slide.read_level(level)
         w0, h0 = slide.dimensions
         downsample = (w0 / rgb.shape[1], h0 / rgb.shape[0])
@@ -92,8 +96,9 @@ def segment_tissue(
     closing_px = max(0, int(round(closing_um / px_um)))
     if closing_px > 0 and mask.any():
         mask = ndimage.binary_closing(mask, structure=morphology.disk(closing_px), border_value=0)
-    min_area_px = max(1, int(round(min_area_um2 / px_um**2)))
-    max_hole_px = max(0, int(round(max_hole_um2 / px_um**2)))
+    # Physical sizes, capped relative to the view so that tiny (synthetic, test) slides keep their tissue.
+    min_area_px = max(1, min(int(round(min_area_um2 / px_um**2)), int(0.002 * mask.size)))
+    max_hole_px = max(0, min(int(round(max_hole_um2 / px_um**2)), int(0.001 * mask.size)))
     if mask.any():
         mask = morphology.remove_small_objects(mask, max_size=min_area_px)
         if max_hole_px > 0:

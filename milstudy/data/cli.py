@@ -1,0 +1,154 @@
+"""``milstudy data``: build synthetic cohorts, tile slides into patch grids, check a manifest's slides.
+
+* ``milstudy data synth --profile cpu --task detection --seed 0 [--out DIR]``
+* ``milstudy data tile (--slides FILE|DIR ... | --manifest M --slide-root R) --mpp 2.0 --patch-size 32
+  [--multiscale] [--min-tissue 0.5] --out DIR``: one HDF5 grid per slide (``coords``, ``tissue_fraction``, and
+  ``tumour_fraction`` / ``instance_labels`` when a ground-truth mask is known; ``low/`` with ``--multiscale``)
+  plus ``tiling_summary.csv`` (per-slide counts, empty slides, unreadable slides).
+* ``milstudy data check --manifest M --slide-root R``: lists missing / unreadable slides, exit 1 if any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from milstudy.data.synthetic import PROFILES, SyntheticCohortConfig, build_cohort
+
+    if args.profile not in PROFILES:
+        print(f"error: no synthetic cohort for profile {args.profile!r}; choose {sorted(PROFILES)}", file=sys.stderr)
+        return 2
+    config = SyntheticCohortConfig(task=args.task, seed=args.seed, **PROFILES[args.profile])
+    cohort = build_cohort(config, root=args.out, n_workers=args.workers)
+    m = cohort.manifest
+    print(f"cohort: {cohort.root}")
+    print(f"manifest: {cohort.manifest_path} ({len(m)} slides; label counts {m['label'].value_counts().sort_index().to_dict()})")
+    return 0
+
+
+def _collect_slides(args: argparse.Namespace):
+    """[(slide_id, path, mask_path or None, mask_downsample or None)] from --slides or --manifest."""
+    import pandas as pd
+
+    items = []
+    if args.manifest:
+        from milstudy.data.manifests import load_manifest, resolve_paths
+
+        frame = resolve_paths(load_manifest(args.manifest, require=("slide_id", "path")), args.slide_root)
+        root = Path(args.slide_root) if args.slide_root else Path(args.manifest).resolve().parent
+        for _, row in frame.iterrows():
+            mask = row.get("mask_path") if "mask_path" in frame.columns else None
+            if isinstance(mask, str) and mask and not Path(mask).is_absolute():
+                mask = str(root / mask)
+            ds = row.get("mask_downsample") if "mask_downsample" in frame.columns else None
+            items.append((str(row["slide_id"]), str(row["path"]), mask if isinstance(mask, str) and mask else None,
+                          float(ds) if ds is not None and not pd.isna(ds) else None))
+    for entry in args.slides or []:
+        path = Path(entry)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES) if path.is_dir() else [path]
+        items.extend((p.stem, str(p), None, None) for p in files)
+    return items
+
+
+def _cmd_tile(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from milstudy.data.slides import SlideError, open_slide
+    from milstudy.data.synthetic import instance_labels
+    from milstudy.data.tiling import multiscale_grid, save_grid, tile_slide
+    from milstudy.data.tissue import segment_tissue
+
+    if not args.slides and not args.manifest:
+        print("error: pass --slides FILE|DIR ... or --manifest M [--slide-root R]", file=sys.stderr)
+        return 2
+    items = _collect_slides(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for slide_id, path, mask_path, mask_ds in tqdm(items, desc="tiling", unit="slide"):
+        record = {"slide_id": slide_id, "path": path, "status": "ok", "n_patches": 0, "n_low": None,
+                  "n_tumour": None, "message": ""}
+        try:
+            slide = open_slide(path, mpp=args.slide_mpp)
+            mask = segment_tissue(slide)
+            if args.multiscale:
+                ms = multiscale_grid(slide, args.mpp, args.patch_size, args.low_factor, args.min_tissue, mask, slide_id=slide_id)
+                grid, low = ms.main, ms.low
+                record["n_low"] = len(low)
+            else:
+                grid, low = tile_slide(slide, args.mpp, args.patch_size, args.step, args.min_tissue, mask, slide_id=slide_id), None
+            datasets = {}
+            if mask_path:
+                fraction, labels = instance_labels(mask_path, grid.coords, grid.size_level0, mask_ds or 8.0)
+                datasets = {"tumour_fraction": fraction, "instance_labels": labels}
+                record["n_tumour"] = int(labels.sum())
+            if args.multiscale:
+                datasets["main_to_low"] = ms.main_to_low
+            save_grid(out / f"{slide_id}.h5", grid, datasets, low=low)
+            record["n_patches"] = len(grid)
+            if grid.is_empty:
+                record["status"], record["message"] = "empty", "no tissue patches at these settings"
+        except (SlideError, FileNotFoundError) as err:
+            record["status"], record["message"] = "unreadable", str(err)
+        records.append(record)
+    summary = pd.DataFrame.from_records(records)
+    tmp = out / ".tiling_summary.csv.tmp"
+    summary.to_csv(tmp, index=False)
+    tmp.replace(out / "tiling_summary.csv")
+    bad = summary[summary["status"] != "ok"]
+    print(f"tiled {int((summary['status'] == 'ok').sum())}/{len(summary)} slides, "
+          f"{int(summary['n_patches'].sum())} patches -> {out}")
+    for _, row in bad.iterrows():
+        print(f"  {row['status']}: {row['slide_id']} ({row['path']}): {row['message']}")
+    return 1 if (summary["status"] == "unreadable").any() else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from milstudy.data.manifests import check_slides
+
+    report = check_slides(args.manifest, args.slide_root)
+    bad = report[report["status"] != "ok"]
+    print(f"{len(report) - len(bad)}/{len(report)} slides ok")
+    for _, row in bad.iterrows():
+        print(f"  {row['status']}: {row['slide_id']} -> {row['path']} {row['message']}")
+    return 1 if len(bad) else 0
+
+
+def add_commands(subparsers) -> None:
+    data = subparsers.add_parser("data", help="synthetic cohorts, tiling, slide checks")
+    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+
+    p = sub.add_parser("synth", help="build (or reuse) a synthetic cohort")
+    p.add_argument("--profile", default="cpu", help="smoke | cpu (default cpu)")
+    p.add_argument("--task", default="detection", choices=("detection", "subtyping", "grading", "survival"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="cohort folder (default cache_root()/cohorts/<task>-<hash>)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default 2 for large cohorts)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("tile", help="tile slides into HDF5 patch grids (+ instance labels when masks are known)")
+    p.add_argument("--slides", nargs="+", help="slide files or folders")
+    p.add_argument("--manifest", help="manifest CSV (paths relative to --slide-root)")
+    p.add_argument("--slide-root", default=None)
+    p.add_argument("--mpp", type=float, default=2.0, help="target µm/px of the patches (default 2.0)")
+    p.add_argument("--patch-size", type=int, default=32, help="patch size in output px (default 32)")
+    p.add_argument("--step", type=int, default=None, help="grid step in output px (default: patch size)")
+    p.add_argument("--multiscale", action="store_true", help="also a low-magnification grid (MRIS)")
+    p.add_argument("--low-factor", type=int, default=2)
+    p.add_argument("--min-tissue", type=float, default=0.5)
+    p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of level 0 for slides without metadata")
+    p.add_argument("--out", required=True, help="output folder for <slide_id>.h5 + tiling_summary.csv")
+    p.set_defaults(func=_cmd_tile)
+
+    p = sub.add_parser("check", help="list missing / unreadable slides of a manifest (exit 1 if any)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--slide-root", default=None)
+    p.set_defaults(func=_cmd_check)
+
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
