@@ -171,17 +171,18 @@ class ClassificationTask(Task):
     def frame_metric(self, frame: pd.DataFrame, name: str) -> float:
         y = frame["target"].to_numpy()
         prob = frame[[f"prob_{k}" for k in range(self.n_out)]].to_numpy()
-        predictions = {"probabilities": prob, "prediction": prob.argmax(axis=1)}
-        if name == "auc":
-            return M.roc_auc(y, prob)
-        if name == "qwk":
-            return M.quadratic_kappa(y, predictions["prediction"])
-        if name == "f1_micro":
-            return M.f1(y, predictions["prediction"], "micro")
-        values = self.metrics(predictions, y)
-        if name not in values:
-            raise KeyError(f"unknown metric {name!r} for {self.name}; known: {sorted(values)}")
-        return values[name]
+        prediction = prob.argmax(axis=1)
+        single = {
+            "accuracy": lambda: M.accuracy(y, prediction),
+            "balanced_accuracy": lambda: M.balanced_accuracy(y, prediction),
+            "f1_macro": lambda: M.f1(y, prediction, "macro"),
+            "f1_micro": lambda: M.f1(y, prediction, "micro"),
+            "auc": lambda: M.roc_auc(y, prob),
+            "qwk": lambda: M.quadratic_kappa(y, prediction),
+        }
+        if name not in single:
+            raise KeyError(f"unknown metric {name!r} for {self.name}; known: {sorted(single)}")
+        return single[name]()
 
 
 @dataclass

@@ -463,7 +463,7 @@ def train_two_stage(
             loss = task.loss(output.logits, targets)
             for aux in output.aux_losses.values():
                 loss = loss + aux.float()
-                aux_total += float(aux)
+                aux_total += float(aux.detach())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: non-finite loss on slides {batch['slide_ids'][:5]}")
             optimizer.zero_grad(set_to_none=True)
@@ -475,11 +475,11 @@ def train_two_stage(
             scaler.update()
             if ema is not None:
                 ema.update(model)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
 
         val = evaluate(model, task, val_ds, "val", device, config.eval_batch_size, use_amp, False, config.num_workers)
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                               "train_loss": float(np.mean(losses)), "train_aux_loss": aux_total / max(1, len(losses)),
+                               "train_bags": len(indices), "train_loss": float(np.mean(losses)), "train_aux_loss": aux_total / max(1, len(losses)),
                                "val_loss": val.loss, **{f"val_{k}": v for k, v in val.metrics.items()}}
         if ema is not None:
             val_ema = evaluate(ema.module, task, val_ds, "val", device, config.eval_batch_size, use_amp, False)

@@ -78,8 +78,8 @@ def test_bootstrap_same_seed_same_result_and_constant_predictor():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 40)
     p = rng.random(40)
-    a = M.bootstrap_ci(M.roc_auc, y, p, n=200, seed=3)
-    b = M.bootstrap_ci(M.roc_auc, y, p, n=200, seed=3)
+    a = M.bootstrap_ci(M.roc_auc, y, p, n=100, seed=3)
+    b = M.bootstrap_ci(M.roc_auc, y, p, n=100, seed=3)
     assert a == b
     assert a.lo <= a.mean <= a.hi and a.std > 0
     mean, std, lo, hi = M.bootstrap_ci(M.roc_auc, y, np.full(40, 0.3), n=100, seed=0)  # constant predictor

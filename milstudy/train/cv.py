@@ -1,0 +1,246 @@
+"""k-fold cross-validation, multi-seed repeats and their aggregation (specs/abmilx.md §3 pitfalls 4, 6, 7).
+
+Protocol, per seed:
+1. Stratified k-fold at the patient level (``StratifiedGroupKFold``; groups = ``Bag.case_id`` or the slide id),
+   shuffled with the seed. Each fold is the **test** set once.
+2. From the other k-1 folds a stratified, group-aware validation split (``val_fraction``, default 12.5 % as
+   upstream's ``val_ratio``) drives model selection and early stopping. The test fold is never used for selection.
+3. Optional ``preprocess(train_bags, other_bags)`` (e.g. ``milstudy.data.bags.standardize``) is fitted on the
+   training bags of the fold only.
+
+Aggregation: per-fold test metrics as mean ± std over all (seed, fold) runs, and the out-of-fold predictions pooled
+over the k folds of each seed with a slide-level percentile bootstrap (the metric of a resample is the mean over
+seeds of the pooled metric, so repeated seeds do not pass for extra slides).
+
+``run_model_grid`` runs the whole model-by-fold grid for a notebook and returns tidy tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+from torch import nn
+from tqdm.auto import tqdm
+
+from milstudy.train.metrics import bootstrap_ci, summarize
+from milstudy.train.tasks import Task
+from milstudy.train.trainer import TrainConfig, seed_everything, train_two_stage
+
+Preprocess = Callable[[list, list], tuple[list, list]]
+
+
+@dataclass
+class CVResult:
+    """Cross-validation of one model.
+
+    runs: one row per (seed, fold): best_epoch, wall_time, ``val_*``, ``test_*`` (best epoch) and ``test_last_*``.
+    predictions: pooled out-of-fold test predictions (``seed, fold`` + the trainer's prediction columns).
+    summary: one row per test metric: mean, std, text ("mean ± std"), pooled, boot_mean, boot_std, ci_lo, ci_hi.
+    """
+
+    runs: pd.DataFrame
+    predictions: pd.DataFrame
+    summary: pd.DataFrame
+    histories: dict[tuple[int, int], list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def _groups(bags: Sequence[Any]) -> np.ndarray:
+    return np.asarray([str(getattr(b, "case_id", None) or b.slide_id) for b in bags])
+
+
+def kfold_splits(
+    labels: np.ndarray, groups: np.ndarray, k: int, seed: int, val_fraction: float
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(train, val, test)`` index arrays for each of the k folds (see the module docstring)."""
+    if k < 2:
+        raise ValueError(f"cross-validation needs k >= 2 folds, got {k}")
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    n_inner = max(2, round(1.0 / val_fraction))
+    splits = []
+    for fold, (rest, test) in enumerate(outer.split(np.zeros(len(labels)), labels, groups)):
+        inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed * 1000 + fold)
+        fit, val = next(inner.split(np.zeros(len(rest)), labels[rest], groups[rest]))
+        splits.append((rest[fit], rest[val], test))
+    return splits
+
+
+def _call_builder(build_model_fn: Callable[..., nn.Module], seed: int) -> nn.Module:
+    takes_seed = "seed" in inspect.signature(build_model_fn).parameters
+    return build_model_fn(seed=seed) if takes_seed else build_model_fn()
+
+
+def cross_validate(
+    build_model_fn: Callable[..., nn.Module],
+    task: Task,
+    bags: Sequence[Any],
+    k: int = 10,
+    seeds: Sequence[int] = (0,),
+    config: TrainConfig | None = None,
+    val_fraction: float = 0.125,
+    preprocess: Preprocess | None = None,
+    n_bootstrap: int = 1000,
+    progress: bool = True,
+    desc: str = "cv",
+    bootstrap_metrics: Sequence[str] | None = None,
+) -> CVResult:
+    """Stratified (patient-level) k-fold CV of ``build_model_fn()`` (called after seeding; may take ``seed=``).
+
+    bags: a list of ``Bag`` objects (or any indexable dataset of bags). ``bootstrap_metrics``: the metrics that get a
+    pooled bootstrap CI (None = all; the others get NaN CIs, which saves time). Returns a ``CVResult``.
+    """
+    from milstudy.data.bags import BagListDataset
+
+    config = config or TrainConfig()
+    bags = [bags[i] for i in range(len(bags))]
+    labels = task.stratify_labels([b.target for b in bags])
+    groups = _groups(bags)
+    rows, frames, histories = [], [], {}
+    total = len(seeds) * k
+    bar = tqdm(total=total, desc=desc, disable=not progress or config.quiet, leave=False)
+    for seed in seeds:
+        for fold, (train_idx, val_idx, test_idx) in enumerate(kfold_splits(labels, groups, k, seed, val_fraction)):
+            train, val, test = ([bags[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
+            if preprocess is not None:
+                train, other = preprocess(train, val + test)
+                val, test = other[: len(val)], other[len(val):]
+            run_config = dataclasses.replace(config, seed=seed, quiet=True)
+            if config.checkpoint_dir is not None:
+                run_config.checkpoint_dir = Path(config.checkpoint_dir) / f"seed{seed}_fold{fold}"
+            seed_everything(seed)
+            model = _call_builder(build_model_fn, seed)
+            result = train_two_stage(model, task, BagListDataset(train), BagListDataset(val),
+                                     BagListDataset(test), run_config)
+            row: dict[str, Any] = {"seed": seed, "fold": fold, "n_train": len(train), "n_val": len(val),
+                                   "n_test": len(test), "best_epoch": result.best_epoch,
+                                   "epochs_run": len(result.history), "wall_time": result.wall_time}
+            row.update({f"val_{m}": v for m, v in result.val_metrics.items()})
+            row.update({f"test_{m}": v for m, v in (result.test_metrics or {}).items()})
+            row.update({f"test_last_{m}": v for m, v in (result.test_metrics_last or {}).items()})
+            rows.append(row)
+            oof = result.predictions[result.predictions["split"] == "test"].copy()
+            oof.insert(0, "fold", fold)
+            oof.insert(0, "seed", seed)
+            frames.append(oof)
+            histories[(seed, fold)] = result.history
+            bar.update(1)
+    bar.close()
+    runs = pd.DataFrame(rows)
+    predictions = pd.concat(frames, ignore_index=True)
+    fitted_task = result.task
+    metric_names = [c[len("test_"):] for c in runs.columns if c.startswith("test_") and not c.startswith("test_last_")]
+    summary = summarize_cv(runs, predictions, fitted_task, metric_names, n_bootstrap, bootstrap_metrics)
+    return CVResult(runs, predictions, summary, histories)
+
+
+def summarize_cv(
+    runs: pd.DataFrame,
+    predictions: pd.DataFrame,
+    task: Task,
+    metric_names: Sequence[str],
+    n_bootstrap: int = 1000,
+    bootstrap_metrics: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Per-metric summary of a CV: per-run mean ± std and the seed-averaged pooled OOF metric with bootstrap CI."""
+    seeds = sorted(predictions["seed"].unique())
+    per_seed = [predictions[predictions["seed"] == s].set_index("slide_id") for s in seeds]
+    slide_ids = per_seed[0].index.to_numpy()
+    per_seed = [frame.loc[slide_ids] for frame in per_seed]  # same slide order in every seed
+
+    def pooled(name: str, rows: np.ndarray) -> float:
+        return float(np.mean([task.frame_metric(frame.iloc[rows], name) for frame in per_seed]))
+
+    out = []
+    for name in metric_names:
+        values = runs[f"test_{name}"].to_numpy(dtype=float)
+        finite = values[np.isfinite(values)]
+        try:
+            pooled_value = pooled(name, np.arange(len(slide_ids)))
+        except ValueError:
+            pooled_value = float("nan")
+        index = np.arange(len(slide_ids))
+        wanted = bootstrap_metrics is None or name in bootstrap_metrics
+        ci = bootstrap_ci(lambda rows, _: pooled(name, rows), index, index, n=n_bootstrap if wanted else 0, seed=0)
+        out.append({"metric": name, "mean": finite.mean() if len(finite) else np.nan,
+                    "std": finite.std(ddof=1) if len(finite) > 1 else 0.0, "text": summarize(values),
+                    "n_runs": len(values), "n_undefined": int((~np.isfinite(values)).sum()),
+                    "pooled": pooled_value, "boot_mean": ci.mean, "boot_std": ci.std, "ci_lo": ci.lo, "ci_hi": ci.hi})
+    return pd.DataFrame(out)
+
+
+def aggregate_runs(results: Mapping[str, CVResult], metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per model: ``"<metric>"`` = "mean ± std" over runs, ``"<metric> pooled [95% CI]"`` from the bootstrap."""
+    rows = []
+    for name, result in results.items():
+        row: dict[str, Any] = {"model": name}
+        for _, line in result.summary.iterrows():
+            if metrics is not None and line["metric"] not in metrics:
+                continue
+            row[line["metric"]] = line["text"]
+            row[f"{line['metric']} pooled [95% CI]"] = (
+                f"{line['pooled']:.3f} [{line['ci_lo']:.3f}, {line['ci_hi']:.3f}]"
+                if np.isfinite(line["pooled"]) else "n/a")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class ModelGrid:
+    """``run_model_grid`` output: per-model CV results, a tidy per-run table and the long summary table."""
+
+    results: dict[str, CVResult]
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+
+    def table(self, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+        return aggregate_runs(self.results, metrics)
+
+
+def run_model_grid(
+    model_names: Sequence[str],
+    task: Task,
+    bags: Sequence[Any],
+    k: int = 10,
+    seeds: Sequence[int] = (0,),
+    config: TrainConfig | None = None,
+    model_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    preprocess: Preprocess | None = None,
+    val_fraction: float = 0.125,
+    n_bootstrap: int = 1000,
+    progress: bool = True,
+    bootstrap_metrics: Sequence[str] | None = None,
+) -> ModelGrid:
+    """Cross-validate every registered model in ``model_names`` on the same folds.
+
+    Models are built with ``milstudy.models.build_model(name, in_dim, task.n_out, **model_kwargs.get(name, {}))``,
+    ``in_dim`` read from the first bag. Returns per-run rows (``model, seed, fold, metric, value``, tidy) and the
+    per-model summary (``model`` + ``CVResult.summary`` columns).
+    """
+    from milstudy.models.base import build_model
+
+    in_dim = int(bags[0].features.shape[-1])
+    model_kwargs = model_kwargs or {}
+    results: dict[str, CVResult] = {}
+    for name in tqdm(list(model_names), desc="models", disable=not progress):
+        kwargs = dict(model_kwargs.get(name, {}))
+        results[name] = cross_validate(
+            lambda: build_model(name, in_dim, task.n_out, **kwargs), task, bags, k, seeds, config,
+            val_fraction, preprocess, n_bootstrap, progress, desc=name, bootstrap_metrics=bootstrap_metrics,
+        )
+    tidy = []
+    for name, result in results.items():
+        metric_cols = [c for c in result.runs.columns if c.startswith(("test_", "val_"))]
+        long = result.runs.melt(id_vars=["seed", "fold"], value_vars=metric_cols, var_name="metric")
+        long.insert(0, "model", name)
+        tidy.append(long)
+    summary = pd.concat([r.summary.assign(model=n) for n, r in results.items()], ignore_index=True)
+    summary = summary[["model", *[c for c in summary.columns if c != "model"]]]
+    return ModelGrid(results, pd.concat(tidy, ignore_index=True), summary)

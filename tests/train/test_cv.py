@@ -1,0 +1,47 @@
+"""Cross-validation splits and aggregation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from milstudy.train.cv import aggregate_runs, cross_validate, kfold_splits
+from milstudy.train.tasks import ClassificationTask
+from milstudy.train.trainer import TrainConfig
+
+from .test_trainer import ToyAttentionMIL, toy_bags
+
+
+def test_kfold_splits_are_disjoint_stratified_and_patient_level():
+    labels = np.array([0, 1] * 30)
+    groups = np.repeat(np.arange(30), 2)  # two slides per patient, one of each class
+    splits = kfold_splits(labels, groups, k=5, seed=0, val_fraction=0.2)
+    tests = np.concatenate([test for _, _, test in splits])
+    assert sorted(tests.tolist()) == list(range(60))  # every slide tested exactly once
+    for train, val, test in splits:
+        assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+        assert len(train) + len(val) + len(test) == 60
+        assert not set(groups[test]) & set(groups[np.concatenate([train, val])])  # patients stay together
+        assert len(val) > 0
+    with pytest.raises(ValueError, match="k >= 2"):
+        kfold_splits(labels, groups, k=1, seed=0, val_fraction=0.2)
+
+
+def test_cross_validate_pools_out_of_fold_predictions():
+    bags = toy_bags(24, 0, "b")
+    config = TrainConfig(epochs=3, lr=1e-2, warmup_epochs=0, quiet=True)
+    result = cross_validate(lambda: ToyAttentionMIL(), ClassificationTask(2), bags, k=3, seeds=(0, 1),
+                            config=config, n_bootstrap=50, bootstrap_metrics=["auc"])
+    assert len(result.runs) == 6 and set(result.runs["seed"]) == {0, 1}
+    for seed in (0, 1):  # each slide once per seed in the pooled out-of-fold predictions
+        assert sorted(result.predictions.query("seed == @seed")["slide_id"]) == sorted(b.slide_id for b in bags)
+    summary = result.summary.set_index("metric")
+    assert set(summary.index) == {"accuracy", "balanced_accuracy", "f1_macro", "auc"}
+    acc = result.runs["test_accuracy"]
+    assert summary.loc["accuracy", "mean"] == pytest.approx(acc.mean())
+    assert summary.loc["auc", "ci_lo"] <= summary.loc["auc", "boot_mean"] <= summary.loc["auc", "ci_hi"]
+    table = aggregate_runs({"toy": result}, metrics=["accuracy", "auc"])
+    assert list(table.columns) == ["model", "accuracy", "accuracy pooled [95% CI]", "auc", "auc pooled [95% CI]"]
+    assert " ± " in table.loc[0, "accuracy"]

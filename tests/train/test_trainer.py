@@ -1,0 +1,217 @@
+"""Two-stage trainer: learning, validation-only selection, exact resume, determinism, oversampling, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from milstudy.data.bags import Bag, BagListDataset
+from milstudy.models.base import MILOutput
+from milstudy.train.checkpoint import latest_checkpoint
+from milstudy.train.sampling import oversample_indices
+from milstudy.train.tasks import ClassificationTask, SurvivalTask
+from milstudy.train.trainer import EMA, TrainConfig, cosine_schedule, seed_everything, train_two_stage
+
+torch.set_num_threads(1)
+DIM = 4
+
+
+class ToyAttentionMIL(nn.Module):
+    """A small attention-MIL model (test stand-in for the zoo) with dropout, so resume must restore RNG state."""
+
+    def __init__(self, in_dim: int = DIM, n_out: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.in_dim = in_dim
+        self.embed = nn.Sequential(nn.Linear(in_dim, 16), nn.ReLU(), nn.Dropout(dropout))
+        self.score = nn.Linear(16, 1)
+        self.head = nn.Linear(16, n_out)
+
+    def forward(self, x, coords=None, mask=None):
+        h = self.embed(x)
+        a = self.score(h).squeeze(-1)
+        if mask is not None:
+            a = a.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(a, dim=1)
+        return MILOutput(logits=self.head((w.unsqueeze(-1) * h).sum(1)), attention=w.unsqueeze(1))
+
+
+class CrashingMIL(ToyAttentionMIL):
+    """Raises on the ``crash_at``-th training forward call: simulates a job killed mid-run."""
+
+    def __init__(self, crash_at: int, **kw):
+        super().__init__(**kw)
+        self.crash_at, self.calls = crash_at, 0
+
+    def forward(self, x, coords=None, mask=None):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.crash_at:
+                raise RuntimeError("simulated crash")
+        return super().forward(x, coords, mask)
+
+
+def toy_bags(n: int, seed: int, prefix: str) -> list[Bag]:
+    """Bag positive iff it holds a key instance (feature 0 shifted by +3)."""
+    rng = np.random.default_rng(seed)
+    bags = []
+    for i in range(n):
+        size = int(rng.integers(4, 10))
+        x = rng.normal(size=(size, DIM)).astype(np.float32)
+        label = int(i % 2)
+        if label:
+            x[rng.integers(size), 0] += 3.0
+        bags.append(Bag(features=torch.from_numpy(x), slide_id=f"{prefix}{i}", target=label,
+                        coords=torch.zeros(size, 2, dtype=torch.int64)))
+    return bags
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return (BagListDataset(toy_bags(40, 0, "tr")), BagListDataset(toy_bags(16, 1, "va")),
+            BagListDataset(toy_bags(16, 2, "te")))
+
+
+def run(splits, config: TrainConfig, model_cls=ToyAttentionMIL, test=None, **model_kw):
+    seed_everything(config.seed)
+    model = model_cls(**model_kw)
+    train, val, default_test = splits
+    return model, train_two_stage(model, ClassificationTask(2), train, val, test or default_test, config)
+
+
+FAST = TrainConfig(epochs=6, lr=1e-2, warmup_epochs=1, quiet=True)
+
+
+def strip_time(history):
+    return [{k: v for k, v in row.items() if k != "time"} for row in history]
+
+
+def test_learns_toy_mil_problem(splits):
+    _, result = run(splits, FAST)
+    assert result.test_metrics["accuracy"] >= 0.9
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert set(result.predictions["split"]) == {"val", "test"}
+    assert {"slide_id", "target", "prob_0", "prob_1", "prediction"} <= set(result.predictions.columns)
+    attention = result.attention["te3"]
+    assert attention.shape == (1, len(splits[2][3])) and attention.sum() == pytest.approx(1.0, abs=1e-5)
+    assert result.monitor == "auc" and 1 <= result.best_epoch <= 6
+
+
+def test_selection_uses_validation_only(splits):
+    """Corrupting the test labels must not change training, selection or validation numbers."""
+    flipped = BagListDataset([dataclasses.replace(b, target=1 - b.target) for b in splits[2]])
+    _, clean = run(splits, FAST)
+    _, corrupt = run(splits, FAST, test=flipped)
+    assert clean.best_epoch == corrupt.best_epoch
+    assert strip_time(clean.history) == strip_time(corrupt.history)
+    assert clean.val_metrics == corrupt.val_metrics
+    assert corrupt.test_metrics["accuracy"] == pytest.approx(1 - clean.test_metrics["accuracy"])
+
+
+def test_same_seed_same_metrics(splits):
+    config = dataclasses.replace(FAST, epochs=3)
+    _, a = run(splits, config)
+    _, b = run(splits, config)
+    assert strip_time(a.history) == strip_time(b.history) and a.test_metrics == b.test_metrics
+    _, c = run(splits, dataclasses.replace(config, seed=1))
+    assert strip_time(c.history) != strip_time(a.history)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(splits, tmp_path):
+    config = dataclasses.replace(FAST, epochs=4, attention_snapshot_slides=("tr0", "va1"), ema_decay=0.9)
+    full_model, full = run(splits, dataclasses.replace(config, checkpoint_dir=tmp_path / "full"))
+
+    crash_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(splits, dataclasses.replace(config, checkpoint_dir=crash_dir), CrashingMIL, crash_at=2 * 40 + 5)
+    assert latest_checkpoint(crash_dir).name == "epoch_0002"
+    # a fresh process: new model object, different global RNG state; everything must come from the checkpoint
+    torch.manual_seed(12345)
+    resumed_model = ToyAttentionMIL()
+    resumed = train_two_stage(resumed_model, ClassificationTask(2), *splits,
+                              dataclasses.replace(config, checkpoint_dir=crash_dir))
+    assert strip_time(resumed.history) == strip_time(full.history)
+    assert resumed.best_epoch == full.best_epoch and resumed.test_metrics == full.test_metrics
+    assert resumed.test_metrics_ema == full.test_metrics_ema
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert sorted(resumed.attention_snapshots) == [0, 1, 2, 3, 4]
+    for epoch, per_slide in full.attention_snapshots.items():
+        for slide_id, attention in per_slide.items():
+            np.testing.assert_array_equal(attention, resumed.attention_snapshots[epoch][slide_id])
+    assert (crash_dir / "best" / "model.safetensors").is_file()
+
+
+def test_early_stopping_and_padded_batches(splits):
+    config = dataclasses.replace(FAST, epochs=30, patience=2, min_epochs=3, batch_size=4, monitor="loss")
+    _, result = run(splits, config)
+    assert result.stopped_early and len(result.history) < 30
+    assert len(result.history) >= 3 and result.best_epoch == len(result.history) - 2
+    losses = [row["val_loss"] for row in result.history]
+    assert losses[result.best_epoch - 1] == min(losses)
+
+
+def test_survival_with_cox_batches_and_errors(splits):
+    rng = np.random.default_rng(0)
+
+    def survival(bags):  # key-instance bags die early
+        return BagListDataset([dataclasses.replace(
+            b, target=torch.tensor([float(rng.uniform(1, 5) + 10 * (1 - b.target)), float(rng.random() < 0.8)]))
+            for b in bags])
+
+    train, val = survival(splits[0]), survival(splits[1])
+    task = SurvivalTask(loss="cox")
+    seed_everything(0)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        train_two_stage(ToyAttentionMIL(n_out=1), task, train, val, None, FAST)
+    result = train_two_stage(ToyAttentionMIL(n_out=1), task, train, val, None,
+                             dataclasses.replace(FAST, batch_size=4, epochs=8))
+    assert np.isfinite([row["train_loss"] for row in result.history]).all()
+    assert result.val_metrics["c_index"] > 0.7 and result.monitor == "c_index"
+    nll = train_two_stage(ToyAttentionMIL(n_out=4), SurvivalTask(n_bins=4), train, val, None,
+                          dataclasses.replace(FAST, epochs=3))
+    assert len(nll.task.bin_edges) == 5 and "risk" in nll.predictions
+
+
+def test_bad_label_fails_before_training(splits):
+    bad = BagListDataset([*splits[1].bags[:-1], dataclasses.replace(splits[1][15], target=2)])
+    with pytest.raises(ValueError, match=r"slide va15: label 2 is not one of the task's classes \[0, 1\]"):
+        train_two_stage(ToyAttentionMIL(), ClassificationTask(2), splits[0], bad, None, FAST)
+    with pytest.raises(ValueError, match="feature dimension 4 does not match the model's in_dim 7"):
+        train_two_stage(ToyAttentionMIL(in_dim=7), ClassificationTask(2), splits[0], splits[1], None, FAST)
+
+
+def test_oversampling_reaches_ratio():
+    labels = np.array([0] * 40 + [1] * 7 + [2] * 30)
+    idx = oversample_indices(labels, ratio=2.0, seed=0)
+    counts = np.bincount(labels[idx])
+    assert counts.tolist() == [40, 20, 30]
+    assert set(range(len(labels))) <= set(idx.tolist())  # every original bag kept
+    np.testing.assert_array_equal(idx, oversample_indices(labels, ratio=2.0, seed=0))
+    assert np.bincount(labels[oversample_indices(labels, 1.0)]).tolist() == [40, 40, 40]
+    with pytest.raises(ValueError, match="ratio"):
+        oversample_indices(labels, ratio=0.5)
+
+
+def test_oversampling_in_trainer_sees_more_minority(splits):
+    imbalanced = BagListDataset([b for b in splits[0] if b.target == 0] + [b for b in splits[0] if b.target][:4])
+    _, result = run((imbalanced, splits[1], splits[2]), dataclasses.replace(FAST, epochs=1, oversample=2.0))
+    assert result.history[0]["train_bags"] == 20 + 10  # 4 positives topped up to 20 / 2
+
+
+def test_cosine_schedule_and_ema():
+    assert cosine_schedule(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_schedule(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_schedule(10, 100, 10) == pytest.approx(1.0)
+    assert cosine_schedule(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_schedule(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+    model = nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, before + 1.0)
