@@ -95,6 +95,8 @@ def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: boo
 
     from milstudy.data.patches import collate_patches
 
+    if len(dataset) <= 2 * batch_size:  # starting worker processes costs more than reading a couple of batches
+        num_workers = 0
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_patches,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     chunks, indices, n_failed = [], [], 0
