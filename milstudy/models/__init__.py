@@ -1,5 +1,11 @@
-"""The model zoo: every aggregator behind ``build_model`` (see ``milstudy.models.base``)."""
+"""The model zoo: every aggregator behind ``build_model`` (see ``milstudy.models.base``).
+
+Importing this package registers every model family (one module per paper):
+pooling (mean, max), abmil (Ilse et al. 2018), clam (CLAM-SB), dsmil, transmil, abmilx (spec abmilx.md).
+Models whose auxiliary losses need the bag label have ``needs_targets = True`` and accept ``targets=``.
+"""
 
 from milstudy.models.base import MILOutput, build_model, list_models, register_model, register_preset
+from milstudy.models import abmil, abmilx, clam, dsmil, pooling, transmil  # noqa: F401,E402  (registration)
 
 __all__ = ["MILOutput", "build_model", "list_models", "register_model", "register_preset"]

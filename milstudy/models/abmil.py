@@ -1,0 +1,101 @@
+"""Attention-based MIL pooling (Ilse, Tomczak & Welling 2018, ICML, arXiv 1802.04712), plain and gated.
+
+    h_k = act(W_e x_k)                                            [B,N,L]   instance embedding (their "fc 500")
+    a_k = softmax_k( wᵀ tanh(V h_kᵀ) )                            [B,1,N]   Eq. 8 (plain)
+    a_k = softmax_k( wᵀ (tanh(V h_kᵀ) ⊙ sigm(U h_kᵀ)) )           [B,1,N]   Eq. 9 (gated)
+    z   = Σ_k a_k h_k                                             [B,L]     Eq. 7
+    logits = W_c z                                                [B,C]
+
+Defaults follow the paper (L=500, attention width K=128, ReLU, no dropout). The ``abmil_upstream`` preset is the
+ABMIL baseline of the ABMILX code (shared/specs/abmilx.md §2.5): LN at the input, Linear(D_in, L) -> act ->
+dropout 0.25, attention Linear(L,128) -> tanh -> Linear(128,1), weighted sum -> LN -> Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from milstudy.models.base import MILOutput, register_model, register_preset
+from milstudy.models.layers import check_bag_input, masked_softmax
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class AttentionScorer(nn.Module):
+    """Ilse et al. Eq. 8 (plain) or Eq. 9 (gated) scores: ``[B,N,L] -> [B,N]`` pre-softmax logits."""
+
+    def __init__(self, dim: int, attention_dim: int = 128, gated: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.tanh_branch = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.gate_branch = (
+            nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
+        )
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h ``[B,N,L]`` -> logits ``[B,N]``."""
+        hidden = self.tanh_branch(h)  # [B,N,K]
+        if self.gate_branch is not None:
+            hidden = hidden * self.gate_branch(h)  # Eq. 9 gating
+        return self.score(hidden).squeeze(-1)
+
+
+class ABMIL(nn.Module):
+    """ABMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention ``[B,1,N]``.
+
+    extras: ``attention_logits`` ``[B,1,N]`` (0 on padding), ``bag_embedding`` ``[B,L]``.
+    """
+
+    needs_targets = False
+    permutation_invariant = True
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_out: int,
+        hidden_dim: int = 500,
+        attention_dim: int = 128,
+        gated: bool = False,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        input_norm: bool = False,
+        output_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ABMIL: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.in_dim = in_dim
+        self.embed = nn.Sequential(
+            nn.LayerNorm(in_dim) if input_norm else nn.Identity(),
+            nn.Linear(in_dim, hidden_dim),
+            ACTIVATIONS[activation](),
+            nn.Dropout(dropout),
+        )
+        self.scorer = AttentionScorer(hidden_dim, attention_dim, gated=gated)
+        self.out_norm = nn.LayerNorm(hidden_dim) if output_norm else nn.Identity()
+        self.classifier = nn.Linear(hidden_dim, n_out)
+
+    def forward(
+        self, x: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> MILOutput:
+        """x ``[B,N,D]`` -> MILOutput (coords unused)."""
+        mask = check_bag_input(x, self.in_dim, mask, "ABMIL")
+        h = self.embed(x)  # [B,N,L]
+        scores = self.scorer(h).masked_fill(~mask, 0.0).unsqueeze(1)  # [B,1,N]
+        weights = masked_softmax(scores, mask)  # [B,1,N]
+        bag = torch.einsum("bhn,bnl->bl", weights, h)  # Eq. 7: [B,L]
+        logits = self.classifier(self.out_norm(bag))
+        return MILOutput(logits, weights, extras={"attention_logits": scores, "bag_embedding": bag})
+
+
+@register_model("abmil")
+def build_abmil(in_dim: int, n_out: int, **kwargs) -> ABMIL:
+    """Ilse et al. 2018 ABMIL (plain attention, Eq. 8)."""
+    return ABMIL(in_dim, n_out, **kwargs)
+
+
+register_preset("abmil_gated", "abmil", gated=True)  # Eq. 9
+register_preset(
+    "abmil_upstream", "abmil", hidden_dim=512, input_norm=True, dropout=0.25, output_norm=True
+)  # ABMILX code's ABMIL baseline (spec §2.5)
