@@ -56,3 +56,14 @@ def test_curve_and_cohort_tables():
 def test_bad_input():
     with pytest.raises(ValueError, match="T=5"):
         p_no_witness_without_replacement(3, 5, 2)
+
+
+def test_mris_main_scale_matches_the_hypergeometric_of_its_main_quota():
+    from milstudy.analysis.sampling_noise import mris_main_scale_sampler
+    from milstudy.data.sampling import mris_quota
+
+    y = np.zeros(120, dtype=int)
+    y[:3] = 1
+    n_main, _ = mris_quota(32, 4.0)  # 24 main-scale patches
+    measured = measured_no_witness(y, 32, n_draws=3000, sampler=mris_main_scale_sampler(4.0), seed=0)
+    assert measured == pytest.approx(p_no_witness_without_replacement(120, 3, n_main), abs=0.03)
