@@ -148,7 +148,7 @@ def attention_grid_map(
     return fig
 
 
-def _rank_colorbar(fig: Figure, ax: Axes) -> None:
+def _rank_colorbar(fig: Figure, ax: Axes | list[Axes]) -> None:
     mappable = plt.cm.ScalarMappable(cmap=ATTENTION_CMAP, norm=plt.Normalize(0, 1))
     fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="attention rank percentile (per slide)")
 
@@ -267,4 +267,40 @@ def umap_scatter(
     ax.legend(markerscale=2)
     if title:
         ax.set_title(title, fontsize=10)
+    return fig
+
+
+def attention_evolution(
+    snapshots: Mapping[str, Mapping[int, Any]],
+    coords: np.ndarray,
+    patch_size: float,
+    instance_labels: np.ndarray | None = None,
+    epochs: Sequence[int] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Rows = models, columns = epochs: grid maps of one slide's attention (rank-percentile colours, tumour
+    outlined), and a last column with the distribution of N·ā at those epochs (ABMILX paper Sec. 3.3 figure).
+
+    snapshots: ``{model: {epoch: attention [heads, N] or [N]}}``; coords ``[N, 2]``; epochs: which to show
+    (default: first, middle, last common epoch).
+    """
+    common = sorted(set.intersection(*[set(v) for v in snapshots.values()])) if snapshots else []
+    if not common:
+        raise ValueError("snapshots hold no epoch common to every model")
+    if epochs is None:
+        epochs = sorted({common[0], common[len(common) // 2], common[-1]})
+    epochs = [e for e in epochs if e in common]
+    n_rows, n_cols = len(snapshots), len(epochs) + 1
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.3 * n_cols + 1.5, 2.3 * n_rows), squeeze=False)
+    for r, (model, by_epoch) in enumerate(snapshots.items()):
+        for c, epoch in enumerate(epochs):
+            attention_grid_map(coords, by_epoch[epoch], patch_size, instance_labels, ax=axes[r, c],
+                               title=f"{model}\nepoch {epoch}" if c == 0 else f"epoch {epoch}")
+        attention_histograms({e: by_epoch[e] for e in epochs}, ax=axes[r, -1])
+        axes[r, -1].set_xlabel("log10(N·ā)" if r == n_rows - 1 else "")
+        if r:
+            axes[r, -1].get_legend().remove()
+    _rank_colorbar(fig, axes[:, :-1].ravel().tolist()) if n_cols > 1 else None
+    if title:
+        fig.suptitle(title)
     return fig

@@ -185,3 +185,19 @@ def modulation_from_model(model: torch.nn.Module, bag: Any, instance_labels: Any
     frame.insert(0, "slide_id", str(getattr(bag, "slide_id", "")))
     frame["alpha"] = model_alpha(model)
     return frame
+
+
+def eq17_model_residual(aggregator: torch.nn.Module, features: Any) -> float:
+    """Eq. 17 on a model's own internals, in float64 (a copy of the model is cast): max over heads and instances of
+    |attention - softmax(a) e^Δ / Σ_k softmax(a)_k e^Δ_k| with a, Δ from ``extras`` (spec invariant 9). ~1e-16.
+
+    features: ``[N, D]`` or ``[1, N, D]`` instance features of one bag.
+    """
+    import copy
+
+    model64 = copy.deepcopy(aggregator).double()
+    x = torch.as_tensor(np.asarray(to_numpy(features)), dtype=torch.float64)
+    a, d, attention = model_internals(model64, x)
+    a_hat = softmax(a, axis=-1)
+    factorised = a_hat * np.exp(d) / np.sum(a_hat * np.exp(d), axis=-1, keepdims=True)
+    return float(np.max(np.abs(attention - factorised)))

@@ -121,3 +121,14 @@ def test_model_without_extras_is_refused():
 
     with pytest.raises(KeyError, match="local_logits"):
         modulation_from_model(Plain(), torch.randn(5, 3), np.array([1, 0, 0, 0, 0]))
+
+
+def test_eq17_holds_on_the_abmilx_model_internals():
+    from milstudy.analysis.modulation import eq17_model_residual
+    from milstudy.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("abmilx", 12, 2, dim=16, heads=4, alpha_init=0.8)
+    assert eq17_model_residual(model, torch.randn(30, 12)) < 1e-12
+    table = modulation_from_model(model, torch.randn(30, 12), (np.arange(30) < 4).astype(int))
+    assert len(table) == 4 and table["alpha"].tolist() == pytest.approx([0.8] * 4)

@@ -1,0 +1,386 @@
+"""Plumbing of the ABMILX study notebooks 10 (E1 sparsity vs performance, E6 optimisation risk) and 13 (E5 E2E vs
+two-stage, E7 feature geometry, E8 attention maps): data with instance ground truth, tracked runs over seeds,
+mean ± std summaries, the paper's reference numbers and claims checked in code (spec abmilx §4.3).
+
+- ``load_detection_slides``: the CAMELYON-like synthetic detection cohort as ``E2ESlide`` per split, with patch
+  labels (``instance_labels``) attached; optionally a stratified subset of slides for the CPU time budget.
+- ``run_tracked_e2e``: ``train_e2e`` for every (config, seed) with an ``AttentionTracker`` on a few fixed slides
+  (per-epoch curves) and a final analysis of every test slide (sparsity, risk, Λ, localization).
+- ``summarize_runs`` / ``e1_table`` / ``e1_claims``: mean ± std over seeds beside the paper's Sec. 3.3 table.
+- ``build_strong_encoder``, ``encode_bags``, ``run_two_stage``: the two-stage arms of notebook 13.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from milstudy.analysis.modulation import lambda_share
+from milstudy.analysis.tracking import AttentionTracker, EpochRecords
+
+# Sec. 3.3 table of the paper (spec §4.3 E1): sparsity on CAMELYON (%), BRCA subtyping AUC, BRCA survival C-index.
+PAPER_E1 = pd.DataFrame(
+    [("ABMIL", 80, 89.23, 62.70), ("TransMIL", 13, 91.44, 63.42), ("MHLA", 61, 91.58, 63.80),
+     ("MHLA&A+ (α=1)", 29, 92.84, 65.49), ("MHLA&A+ (learnable α)", 36, 93.97, 67.78)],
+    columns=["model", "paper_sparsity", "paper_sub_auc", "paper_surv_cindex"],
+)
+
+# Table 6 of the paper, CAMELYON column (AUC, %), spec §4.3 E5.
+PAPER_E5_CAMELYON = pd.DataFrame(
+    [("E2E R18 + ABMILX", 95.88), ("E2E R50 + ABMILX", 96.06), ("UNI (FM) + ABMIL, two-stage", 96.58),
+     ("ImageNet R50 + ABMIL, two-stage", 91.84)],
+    columns=["setting", "paper_camelyon_auc"],
+)
+
+
+def e1_aggregators(width: int = 64, heads: int = 4) -> dict[str, tuple[str, dict]]:
+    """The five E1 aggregators as ``{label: (registry name, kwargs)}`` at a common width (CPU: 64, 4 heads)."""
+    return {
+        "ABMIL": ("abmil", {"hidden_dim": width, "attention_dim": max(16, width // 2)}),
+        "TransMIL": ("transmil", {"dim": width, "heads": heads, "landmarks": max(8, width // 2)}),
+        "MHLA": ("mhla", {"dim": width, "heads": heads}),
+        "MHLA&A+ (α=1)": ("abmilx_alpha1", {"dim": width, "heads": heads}),
+        "MHLA&A+ (learnable α)": ("abmilx", {"dim": width, "heads": heads}),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- data
+@dataclass
+class DetectionData:
+    """Slides per split (``E2ESlide`` with ``instance_labels``), the task, the cohort and the manifest rows used."""
+
+    splits: dict[str, list]
+    task: Any
+    cohort: Any
+    manifest: pd.DataFrame
+
+    def positives(self, split: str) -> list:
+        return [s for s in self.splits[split] if s.instance_labels is not None and s.instance_labels.sum() > 0]
+
+
+def stratified_subset(manifest: pd.DataFrame, max_slides: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most ``max_slides`` rows, keeping each (split, label) group's share (at least one row per group)."""
+    if max_slides is None or max_slides >= len(manifest):
+        return manifest.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, group in manifest.groupby(["split", "label"], sort=True):
+        n = max(1, int(round(max_slides * len(group) / len(manifest))))
+        keep.extend(rng.choice(group.index.to_numpy(), size=min(n, len(group)), replace=False).tolist())
+    return manifest.loc[sorted(keep)].reset_index(drop=True)
+
+
+def load_detection_slides(
+    profile: str,
+    seed: int = 0,
+    max_slides: int | None = None,
+    main_mpp: float = 2.0,
+    patch_size: int = 32,
+    **cohort_overrides: Any,
+) -> DetectionData:
+    """The synthetic CAMELYON-like detection cohort of ``profile`` as E2E slides with patch labels per split.
+
+    Patch label = tumour fraction ≥ 0.5 of the patch's level-0 square (``milstudy.data.synthetic.instance_labels``).
+    ``max_slides`` takes a stratified subset (:func:`stratified_subset`) to fit a time budget.
+    """
+    from milstudy.data.synthetic import cohort_for_profile, instance_labels
+    from milstudy.train.e2e import build_task, slides_from_manifest, split_slides
+
+    if profile == "paper":
+        raise NotImplementedError(
+            "the 'paper' profile needs CAMELYON slides with annotation masks: point MILSTUDY_SLIDE_ROOT at them and "
+            "build E2ESlide lists with milstudy.train.e2e.load_data({'manifest': ...}); instance labels come from "
+            "the lesion masks (not shipped)")
+    cohort = cohort_for_profile(profile, task="detection", seed=seed, **cohort_overrides)
+    manifest = stratified_subset(cohort.manifest, max_slides, seed)
+    slides = slides_from_manifest(manifest, "label", main_mpp, patch_size, progress=False)
+    rows = manifest.set_index("slide_id")
+    for slide in slides:
+        _, labels = instance_labels(rows.loc[slide.slide_id], slide.coords, slide.main_grid.size_level0)
+        slide.instance_labels = labels
+    splits = split_slides(slides, dict(zip(manifest["slide_id"].astype(str), manifest["split"].astype(str))))
+    return DetectionData(splits, build_task({"type": "classification"}, [s.target for s in slides]), cohort, manifest)
+
+
+def pick_tracked_slides(slides: Sequence[Any], n: int = 2) -> list:
+    """``n`` positive slides with the median-ish witness rates (stable choice: sorted by witness rate, then id)."""
+    positives = [s for s in slides if s.instance_labels is not None and 0 < s.instance_labels.sum() < len(s.coords)]
+    if not positives:
+        raise ValueError("no positive slide with instance labels to track; use a larger cohort or another split")
+    positives.sort(key=lambda s: (float(s.instance_labels.mean()), s.slide_id))
+    middle = len(positives) // 2
+    start = max(0, min(middle - n // 2, len(positives) - n))
+    return positives[start:start + n]
+
+
+# --------------------------------------------------------------------------------------------------- E2E runs
+@dataclass
+class StudyRuns:
+    """Everything the notebooks plot: one row per (run, seed) in ``runs``; per-epoch tracker rows ``curves`` and
+    Λ rows ``modulation`` on the tracked slides; ``final`` / ``final_modulation``: per-test-slide analysis at the
+    selected epoch; ``history`` (train loss etc.); ``snapshots[(run, seed)] = {epoch: {slide_id: [heads, N]}}``;
+    ``models[(run, seed)]`` when kept; ``features[(run, seed)] = {slide_id: [N, D]}`` of the final encoder."""
+
+    runs: pd.DataFrame
+    curves: pd.DataFrame
+    modulation: pd.DataFrame
+    final: pd.DataFrame
+    final_modulation: pd.DataFrame
+    history: pd.DataFrame
+    snapshots: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+
+
+def run_tracked_e2e(
+    configs: Mapping[str, Any],
+    data: DetectionData,
+    seeds: Sequence[int],
+    track_slides: Sequence[Any],
+    keep_models: bool = False,
+    feature_slides: Sequence[Any] = (),
+    progress: bool = True,
+) -> StudyRuns:
+    """``train_e2e`` for every named ``E2EConfig`` × seed, tracking ``track_slides`` every epoch and analysing
+    every test slide at the selected epoch. ``feature_slides``: slides whose final instance features are kept."""
+    from tqdm.auto import tqdm
+
+    from milstudy.train.e2e import encode_chunked, train_e2e
+
+    rows, histories = [], []
+    curves, final = EpochRecords(), EpochRecords()
+    snapshots, models, features = {}, {}, {}
+    test = data.splits.get("test", [])
+    for name, seed in tqdm([(n, s) for n in configs for s in seeds], desc="E2E runs", disable=not progress):
+        config = replace(configs[name], seed=int(seed))
+        tracker = AttentionTracker(track_slides, run=name, seed=seed)
+        result = train_e2e(data.splits, data.task, config, callbacks=[tracker], keep_model=True)
+        curves.extend(tracker.records)
+        snapshots[(name, seed)] = tracker.records.attention
+        if test:
+            final_tracker = AttentionTracker(test, run=name, seed=seed)
+            final_tracker.record(result.best_epoch, result.model)
+            final.extend(final_tracker.records)
+        row = {"run": name, "seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
+               "wall_time_s": result.wall_time, "alpha_final": _alpha(result.model)}
+        row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
+        row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
+        rows.append(row)
+        histories.append(result.history.assign(run=name, seed=seed))
+        if feature_slides:
+            device = next(result.model.parameters()).device
+            with torch.no_grad():
+                features[(name, seed)] = {
+                    s.slide_id: encode_chunked(result.model.encoder.eval(), s.read("main", np.arange(s.n_main)),
+                                               1024, device).cpu().numpy() for s in feature_slides}
+        if keep_models:
+            models[(name, seed)] = result.model
+    return StudyRuns(pd.DataFrame(rows), curves.slides, curves.modulation, final.slides, final.modulation,
+                     pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(), snapshots, models,
+                     features)
+
+
+def _alpha(model: torch.nn.Module) -> float:
+    from milstudy.analysis.modulation import model_alpha
+
+    return model_alpha(model)
+
+
+# ---------------------------------------------------------------------------------------------------- summaries
+def mean_std(frame: pd.DataFrame, by: str | Sequence[str], columns: Sequence[str], digits: int = 3) -> pd.DataFrame:
+    """Per group: ``<col>`` as "mean ± std" (std over rows, ddof=0) plus numeric ``<col>_mean`` / ``<col>_std``."""
+    by = [by] if isinstance(by, str) else list(by)
+    columns = [c for c in columns if c in frame]
+    grouped = frame.groupby(by, sort=False)[columns]
+    mean, std = grouped.mean(), grouped.std(ddof=0).fillna(0.0)
+    out = pd.DataFrame(index=mean.index)
+    for col in columns:
+        out[col] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean[col], std[col])]
+        out[f"{col}_mean"], out[f"{col}_std"] = mean[col], std[col]
+    out["n"] = grouped.size()
+    return out.reset_index()
+
+
+def per_seed_slide_means(final: pd.DataFrame) -> pd.DataFrame:
+    """Average the per-test-slide analysis within each (run, seed): sparsity over all slides and positives only,
+    risk / localization over positives. One row per (run, seed)."""
+    rows = []
+    for (run, seed), part in final.groupby(["run", "seed"], sort=False):
+        pos = part[part["positive"]]
+        rows.append({
+            "run": run, "seed": seed,
+            "sparsity_all": part["sparsity"].mean(), "sparsity_pos": pos["sparsity"].mean(),
+            "gini": part["gini"].mean(), "normalized_entropy": part["normalized_entropy"].mean(),
+            "mass90_fraction": part["mass90_fraction"].mean(),
+            **{c: pos[c].mean() for c in ("risk", "n_risk", "risk_mh", "mass_on_tumour", "top1_is_noise",
+                                          "head_correlation", "instance_auroc", "top_k_precision") if c in pos},
+        })
+    return pd.DataFrame(rows)
+
+
+def summarize_runs(study: StudyRuns, metric: str = "test_auc") -> pd.DataFrame:
+    """Mean ± std over seeds per run of the test metric and every per-slide analysis (test slides)."""
+    merged = study.runs.merge(per_seed_slide_means(study.final), on=["run", "seed"], how="left")
+    columns = [metric, "sparsity_all", "sparsity_pos", "gini", "normalized_entropy", "instance_auroc",
+               "top_k_precision", "risk", "n_risk", "risk_mh", "mass_on_tumour", "top1_is_noise", "head_correlation",
+               "alpha_final", "wall_time_s"]
+    return mean_std(merged, "run", columns)
+
+
+def e1_table(summary: pd.DataFrame, metric: str = "test_auc") -> pd.DataFrame:
+    """Our sparsity and detection AUC (mean ± std over seeds) beside the paper's Sec. 3.3 table."""
+    ours = summary[["run", "sparsity_all", "sparsity_pos", metric, "gini", "normalized_entropy", "instance_auroc"]]
+    ours = ours.rename(columns={"run": "model", "sparsity_all": "our_sparsity_all", "sparsity_pos": "our_sparsity_pos",
+                                metric: f"our_{metric}"})
+    return PAPER_E1.merge(ours, on="model", how="right")
+
+
+def _claim(claim: str, paper: str, ours: str, holds: bool | None) -> dict[str, Any]:
+    return {"claim": claim, "paper": paper, "ours": ours,
+            "verdict": "n/a" if holds is None else ("holds" if holds else "does not hold")}
+
+
+def e1_claims(summary: pd.DataFrame, final_modulation: pd.DataFrame | None = None,
+              metric: str = "test_auc") -> pd.DataFrame:
+    """The paper's E1/E6 statements, each checked on our means (verdict "holds" / "does not hold" / "n/a")."""
+    s = summary.set_index("run")
+
+    def get(run: str, column: str) -> float:
+        return float(s.loc[run, f"{column}_mean"]) if run in s.index and f"{column}_mean" in s else float("nan")
+
+    x, mhla, abmil, trans = "MHLA&A+ (learnable α)", "MHLA", "ABMIL", "TransMIL"
+    rows = []
+
+    def compare(claim, paper, run_a, run_b, column, larger=True):
+        a, b = get(run_a, column), get(run_b, column)
+        ok = None if np.isnan(a) or np.isnan(b) else bool(a > b if larger else a < b)
+        rows.append(_claim(claim, paper, f"{a:.3g} vs {b:.3g}", ok))
+
+    compare("ABMIL is sparser than ABMILX (learnable α)", "80 vs 36", abmil, x, "sparsity_all")
+    compare("ABMIL is sparser than MHLA", "80 vs 61", abmil, mhla, "sparsity_all")
+    compare("A+ lowers the sparsity of MHLA (α=1)", "29 vs 61", "MHLA&A+ (α=1)", mhla, "sparsity_all", larger=False)
+    others = [get(r, "sparsity_all") for r in s.index if r != trans]
+    t = get(trans, "sparsity_all")
+    rows.append(_claim("TransMIL is the least sparse of the five", "13 (lowest)",
+                       f"{t:.3g} vs min of others {np.nanmin(others) if others else float('nan'):.3g}",
+                       None if np.isnan(t) or not others else bool(t < np.nanmin(others))))
+    compare("ABMILX (learnable α) beats ABMIL", "93.97 vs 89.23 (BRCA-sub AUC)", x, abmil, metric)
+    compare("ABMILX (learnable α) beats MHLA", "93.97 vs 91.58", x, mhla, metric)
+    compare("ABMILX (learnable α) beats TransMIL", "93.97 vs 91.44", x, trans, metric)
+    compare("R_MH(MHLA) < R(ABMIL) (Eq. 10, multi-head lowers risk)", "claimed (App. A)", mhla, abmil, "risk_mh",
+            larger=False)
+    compare("A+ lowers the risk: R(ABMILX) < R(MHLA) (Eq. 15)", "claimed (App. A)", x, mhla, "risk", larger=False)
+    compare("ABMILX puts more mass on tumour than ABMIL", "implied (Sec. 3.3)", x, abmil, "mass_on_tumour")
+    if final_modulation is not None and not final_modulation.empty:
+        share = lambda_share(final_modulation[final_modulation["run"] == x]) if "run" in final_modulation else None
+        if share is not None and len(share):
+            row = share[share["alpha_sign"] == "all"].iloc[0]
+            rows.append(_claim("Λ ≤ 1 for most (slide, head) pairs (Eqs. 17-29)", "claimed when within-class U dominates",
+                               f"{row['share_lambda_le_1']:.2f} of {int(row['pairs'])} pairs",
+                               bool(row["share_lambda_le_1"] > 0.5)))
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------- two-stage (nb 13)
+def build_strong_encoder(
+    profile: str,
+    seed: int = 0,
+    encoder: str = "tiny_cnn",
+    epochs: int = 4,
+    n_slides: int | None = None,
+    lr: float = 1e-3,
+    progress: bool = True,
+) -> tuple[str, dict[str, Any]]:
+    """Pre-train ``encoder`` on patch labels of a *separate* synthetic detection cohort (other seed, positives only)
+    and cache the weights under ``cache_root()/encoders``; returns (weights path, info). Spec §4.1 "FM-like"."""
+    from milstudy.data.synthetic import cohort_for_profile, instance_labels
+    from milstudy.encoders import build_encoder
+    from milstudy.paths import cache_root
+    from milstudy.train.e2e import slides_from_manifest
+    from milstudy.train.patch_pretrain import pretrain_on_patch_labels, save_encoder
+
+    overrides: dict[str, Any] = {"positive_fraction": 1.0, "witness_rate_range": (0.05, 0.3)}
+    if n_slides is not None:
+        overrides["n_slides"] = n_slides
+    if profile == "cpu":
+        overrides.setdefault("n_slides", 16)
+        overrides["size_range"] = (2048, 2048)
+    key = json.dumps({"profile": profile, "seed": seed, "encoder": encoder, "epochs": epochs, "lr": lr,
+                      **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}}, sort_keys=True)
+    path = cache_root() / "encoders" / f"strong_{encoder}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.safetensors"
+    cohort = cohort_for_profile("smoke" if profile == "smoke" else "cpu", task="detection", seed=10_000 + seed,
+                                **overrides)
+    info = {"cohort": str(cohort.root), "n_slides": len(cohort.manifest), "weights": str(path)}
+    if path.exists():
+        return str(path), {**info, "cached": True}
+    slides = slides_from_manifest(cohort.manifest, "label", progress=False)
+    rows = cohort.manifest.set_index("slide_id")
+    patches, labels = [], []
+    for slide in slides:
+        patches.append(slide.main)
+        labels.append(instance_labels(rows.loc[slide.slide_id], slide.coords, slide.main_grid.size_level0)[1])
+    patches_all, labels_all = np.concatenate(patches), np.concatenate(labels)
+    model = build_encoder(encoder, seed=10_000 + seed)
+    model, losses = pretrain_on_patch_labels(model, patches_all, labels_all, epochs=epochs, lr=lr, seed=seed,
+                                             progress=progress)
+    save_encoder(model, path)
+    return str(path), {**info, "cached": False, "n_patches": int(len(labels_all)),
+                       "tumour_share": float(labels_all.mean()), "losses": losses}
+
+
+@torch.no_grad()
+def encode_bags(slides: Sequence[Any], encoder: torch.nn.Module, chunk: int = 1024) -> list:
+    """Every main-scale patch of each ``E2ESlide`` through a frozen ``encoder`` -> ``Bag`` (features ``[N, D]``,
+    coords, instance labels, target) for the two-stage trainer."""
+    from milstudy.data.bags import Bag
+    from milstudy.train.e2e import encode_chunked
+
+    encoder = encoder.eval()
+    device = next(encoder.parameters()).device
+    bags = []
+    for s in slides:
+        feats = encode_chunked(encoder, s.read("main", np.arange(s.n_main)), chunk, device).cpu()
+        labels = None if s.instance_labels is None else torch.as_tensor(s.instance_labels)
+        bags.append(Bag(feats, s.slide_id, s.target, torch.as_tensor(s.coords), labels))
+    return bags
+
+
+def run_two_stage(
+    bags: Mapping[str, Sequence[Any]],
+    task: Any,
+    aggregator: str,
+    aggregator_kwargs: Mapping[str, Any],
+    seeds: Sequence[int],
+    config: Any,
+    name: str,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Two-stage MIL (frozen features) for every seed: returns (runs rows, per-test-slide analysis rows, models).
+
+    bags: split -> list of ``Bag``; config: ``TrainConfig`` (its seed is replaced per run).
+    """
+    from milstudy.analysis.tracking import track_two_stage
+    from milstudy.data.bags import BagListDataset
+    from milstudy.models import build_model
+    from milstudy.train.trainer import seed_everything, train_two_stage
+
+    rows, finals, models = [], [], {}
+    in_dim = int(bags["train"][0].features.shape[1])
+    for seed in seeds:
+        seed_everything(int(seed))
+        model = build_model(aggregator, in_dim, task.n_out or 2, **aggregator_kwargs)
+        result = train_two_stage(model, task, BagListDataset(bags["train"]), BagListDataset(bags.get("val", [])),
+                                 BagListDataset(bags.get("test", [])), replace(config, seed=int(seed)))
+        row = {"run": name, "seed": seed, "best_epoch": result.best_epoch, "wall_time_s": result.wall_time}
+        row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
+        rows.append(row)
+        if bags.get("test"):
+            finals.append(track_two_stage(model, bags["test"], result.best_epoch, run=name, seed=seed).slides)
+        models[(name, seed)] = model
+    return pd.DataFrame(rows), pd.concat(finals, ignore_index=True) if finals else pd.DataFrame(), models
