@@ -167,15 +167,18 @@ def extract_patch_bank(
         for members in iterator:
             x0, y0 = int(lx[members].min()), int(ly[members].min())
             x1, y1 = int(lx[members].max()) + rs, int(ly[members].max()) + rs
-            try:
-                region = slide.read_region((int(round(x0 * ds)), int(round(y0 * ds))), grid.level, (x1 - x0, y1 - y0))
-            except CorruptRegionError:
-                region = None
+            if len(members) * rs * rs < 0.3 * (x1 - x0) * (y1 - y0):
+                region = None  # sparse patches: a block read would decode mostly unused pixels
+            else:
+                try:
+                    region = slide.read_region((int(round(x0 * ds)), int(round(y0 * ds))), grid.level, (x1 - x0, y1 - y0))
+                except CorruptRegionError:
+                    region = None
             if region is not None:
                 crops = np.stack([region[ly[i] - y0 : ly[i] - y0 + rs, lx[i] - x0 : lx[i] - x0 + rs] for i in members])
                 bank[members] = resize_patches(crops, p)
                 continue
-            for i in members:  # the block failed: salvage patch by patch
+            for i in members:  # sparse, or the block failed: patch by patch
                 try:
                     bank[i] = read_patch(slide, grid, int(i))
                 except CorruptRegionError:

@@ -64,7 +64,7 @@ def segment_tissue(
     ``thumb_downsample`` (level-0 px per thumbnail px), otherwise sizes are read as thumbnail pixels.
     """
     from scipy import ndimage
-    from skimage import color, filters, morphology
+    from skimage import filters, morphology
 
     if isinstance(slide_or_thumb, Slide):
         slide = slide_or_thumb
@@ -83,9 +83,12 @@ def segment_tissue(
         px_um = thumb_mpp if thumb_mpp is not None else 1.0
         source = {"level": None, "slide": None}
 
-    saturation = color.rgb2hsv(rgb)[..., 1].astype(np.float32)
+    # HSV saturation (max - min) / max, in float32 without a full HSV conversion.
+    high = rgb.max(axis=2)
+    saturation = (high - rgb.min(axis=2)).astype(np.float32)
+    saturation /= np.maximum(high, 1).astype(np.float32)
     # Nearly black pixels (pen marks, scanner borders) are saturated noise in HSV; ignore them.
-    saturation[rgb.max(axis=2) < 40] = 0
+    saturation[high < 40] = 0
     if float(saturation.max() - saturation.min()) < 1e-6:
         otsu = float(saturation.max())
     else:
