@@ -813,6 +813,138 @@ def summarize_grid(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
+# ----------------------------------------------------------------------------------------------- study helpers
+# Paper reference numbers (specs/abmilx.md §4.3 E2/E3, §5.3 Table 7): Grad. (PANDA acc) / Sub. (BRCA AUC) / Surv.
+REFERENCE_E2 = pd.DataFrame(
+    [("ABMIL", 75.46, 89.23, 62.70), ("DSMIL", 76.28, 91.09, 64.32), ("TransMIL", 75.08, 91.44, 63.42),
+     ("RRTMIL", 17.99, 61.82, 53.42), ("QAMIL", 75.12, 90.65, 64.29), ("ViTMIL", 76.98, 92.61, 63.67),
+     ("ABMILX", 78.34, 93.97, 67.78), ("Best FM, two-stage", 74.97, 94.84, 67.30)],
+    columns=["aggregator", "paper_grad", "paper_sub", "paper_surv"],
+)
+REFERENCE_E3 = pd.DataFrame(
+    [("attention sampling", 77.43, 93.14, 66.53, 68.0), ("single-scale random", 76.77, 92.72, 67.24, None),
+     ("MRIS (r=4)", 78.34, 93.97, 67.78, 9.0)],
+    columns=["sampler", "paper_grad", "paper_sub", "paper_surv", "paper_hours"],
+)
+REFERENCE_TABLE7 = pd.DataFrame(
+    [("ffn", "without", 77.04, 93.97, 67.78), ("ffn", "with", 78.34, 93.03, 65.23),
+     ("dim", "128", 76.22, 91.50, 62.64), ("dim", "256", 76.15, 93.97, 67.78), ("dim", "384", 76.01, 90.21, 64.13),
+     ("dim", "512", 78.34, 91.51, 63.20),
+     ("heads", "1", 73.74, 90.12, 63.57), ("heads", "2", 77.32, 90.91, 65.61), ("heads", "4", 78.34, 91.65, 62.83),
+     ("heads", "8", 76.48, 93.97, 67.78), ("heads", "16", 76.50, 92.59, 64.62),
+     ("ratio", "inf", 76.77, 92.72, 67.24), ("ratio", "2", 74.02, 92.74, 64.92), ("ratio", "4", 78.34, 93.97, 66.22),
+     ("ratio", "6", 77.21, 92.35, 67.46), ("ratio", "10", 76.09, 92.25, 67.78),
+     ("s", "64", 76.22, 93.07, 63.52), ("s", "128", 78.34, 93.86, 63.73), ("s", "384", 74.32, 92.52, 64.12),
+     ("s", "512", 75.62, 93.97, 65.59), ("s", "768", None, 93.66, 67.78), ("s", "1280", None, 92.23, 65.77),
+     ("sampler", "random", 78.34, 93.97, 67.78), ("sampler", "regional 2", 76.52, 93.26, 67.28),
+     ("sampler", "regional 4", 76.11, 92.67, 67.23), ("sampler", "regional 8", None, 92.14, 67.00)],
+    columns=["ablation", "setting", "paper_grad", "paper_sub", "paper_surv"],
+)
+
+# Paper-profile E2E settings (specs/abmilx.md §5.3, R18 columns): data spec + E2EConfig overrides per task.
+PAPER_SETTINGS = {
+    "brca_subtyping": dict(
+        data={"manifest": "data_manifests/tcga_brca_subtyping.csv", "main_mpp": 1.0, "patch_size": 256,
+              "task": {"type": "classification"}},
+        config=dict(encoder="resnet18_trunc", optimizer="adamw", lr=8e-5, weight_decay=0.0, epochs=75,
+                    warmup_epochs=10, patience=10, min_epochs=50, batch_slides=3, s=512, ratio=4, crop_size=224,
+                    rrc_scale_min=0.25, hflip=False, vflip=False, ema_decay=0.9997,
+                    aggregator_kwargs={"dim": 256, "heads": 8, "ffn": False})),
+    "brca_survival": dict(
+        data={"manifest": "data_manifests/tcga_brca_survival.csv", "main_mpp": 1.0, "patch_size": 256,
+              "target": ["survival_months", "event"], "task": {"type": "survival", "n_bins": 4}},
+        config=dict(encoder="resnet18_trunc", optimizer="adamw", lr=8e-5, weight_decay=5e-2, epochs=30,
+                    warmup_epochs=5, patience=10, min_epochs=20, batch_slides=2, s=768, ratio=10, crop_size=224,
+                    rrc_scale_min=0.08, hflip=False, vflip=False, ema_decay=None,
+                    aggregator_kwargs={"dim": 256, "heads": 8, "ffn": False})),
+    "panda": dict(
+        data={"manifest": "data_manifests/panda.csv", "main_mpp": 0.25, "patch_size": 256,
+              "task": {"type": "grading", "n_grades": 6}},
+        config=dict(encoder="resnet18_trunc", optimizer="adam", lr=2e-4, weight_decay=1e-5, epochs=200,
+                    warmup_epochs=0, patience=20, min_epochs=120, batch_slides=8, s=128, ratio=4, crop_size=224,
+                    rrc_scale_min=0.08, hflip=True, vflip=True, ema_decay=0.9999,
+                    aggregator_kwargs={"dim": 512, "heads": 4, "ffn": True})),
+}
+
+
+def profile_data(profile: str, task: str = "detection", seed: int = 0, n_slides: int | None = None,
+                 paper_setting: str = "brca_subtyping") -> tuple[dict[str, list[E2ESlide]], Task, dict]:
+    """Slides per split, the task and E2EConfig overrides for a notebook profile.
+
+    smoke: the smoke synthetic cohort (12 small slides); cpu: ``n_slides`` small synthetic slides (1024 px, about
+    25-40 patches each) so a grid of E2E runs fits in minutes on 2 cores; paper: ``PAPER_SETTINGS[paper_setting]``
+    from data_manifests/ and MILSTUDY_SLIDE_ROOT (fails early with a clear message when it is not set).
+    """
+    from milstudy.paths import REPO_ROOT, slide_root
+
+    if profile == "paper":
+        root = slide_root()
+        if root is None:
+            raise RuntimeError("the paper profile needs the real slides: set MILSTUDY_SLIDE_ROOT to the folder that "
+                               "holds the TCGA/PANDA slides listed in data_manifests/ (see README)")
+        setting = PAPER_SETTINGS[paper_setting]
+        spec = {**setting["data"], "manifest": str(REPO_ROOT / setting["data"]["manifest"]), "slide_root": str(root)}
+        data, fitted = load_data(spec, seed=seed, load_banks=False)
+        return data, fitted, dict(setting["config"], patch_cache=False)
+    cohort: dict[str, Any] = {"profile": "smoke", "task": task}
+    if profile == "cpu":
+        cohort["n_slides"] = n_slides or 40
+    elif profile != "smoke":
+        raise ValueError(f"profile must be smoke, cpu or paper, got {profile!r}")
+    elif n_slides:
+        cohort["n_slides"] = n_slides
+    data, fitted = load_data({"cohort": cohort}, seed=seed)
+    return data, fitted, {"aggregator_kwargs": {"dim": 64, "heads": 4}}  # spec §5.5 (profile S: D=64, m=4)
+
+
+def table7_configs(base: E2EConfig, ablations: Sequence[str] = ("ffn", "dim", "heads", "ratio", "s", "sampler"),
+                   s_values: Sequence[int] | None = None, dims: Sequence[int] | None = None) -> dict[str, E2EConfig]:
+    """The Table 7 grid around ``base`` (an ABMILX config): ``{"<ablation>: <setting>": config}``.
+
+    Settings follow the paper (FFN without/with; D 128-512; m 1-16; r inf/2/4/6/10; s 64-1280; random vs regional
+    2/4/8); ``s_values`` / ``dims`` replace the paper's s and D values for CPU-sized runs (D defaults to the paper's
+    values when ``base`` uses D >= 128, else to 16/32/64/128).
+    """
+    kw = dict(base.aggregator_kwargs)
+    dim = int(kw.get("dim", 64))
+    grid: dict[str, E2EConfig] = {}
+    for name in ablations:
+        if name == "ffn":
+            for label, flag in (("without", False), ("with", True)):
+                grid[f"ffn: {label}"] = replace(base, aggregator_kwargs={**kw, "ffn": flag})
+        elif name == "dim":
+            for value in dims or ((128, 256, 384, 512) if dim >= 128 else (16, 32, 64, 128)):
+                grid[f"dim: {value}"] = replace(base, aggregator_kwargs={**kw, "dim": value})
+        elif name == "heads":
+            for value in (1, 2, 4, 8, 16):
+                if dim % value == 0:
+                    grid[f"heads: {value}"] = replace(base, aggregator_kwargs={**kw, "heads": value})
+        elif name == "ratio":
+            for value in ("inf", 2, 4, 6, 10):
+                grid[f"ratio: {value}"] = replace(base, sampler="mris", ratio=float(value))
+        elif name == "s":
+            for value in s_values or (64, 128, 384, 512, 768, 1280):
+                grid[f"s: {value}"] = replace(base, s=int(value))
+        elif name == "sampler":
+            grid["sampler: random"] = replace(base, sampler="mris")
+            for g in (2, 4, 8):
+                grid[f"sampler: regional {g}"] = replace(base, sampler="regional", regions=g)
+        else:
+            raise ValueError(f"unknown Table 7 ablation {name!r}; choose from ffn, dim, heads, ratio, s, sampler")
+    return grid
+
+
+def available_aggregators(wanted: Mapping[str, str]) -> dict[str, str]:
+    """``{label: model name}`` restricted to names registered in the zoo (missing ones are reported, not fatal)."""
+    from milstudy.models import list_models
+
+    known = set(list_models())
+    missing = [f"{label} ({name})" for label, name in wanted.items() if name not in known]
+    if missing:
+        log.warning("not in the model zoo, left out: %s", ", ".join(missing))
+    return {label: name for label, name in wanted.items() if name in known}
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m milstudy.train.e2e --config C.yaml`` (or under ``torchrun --nproc_per_node=N``).
