@@ -360,7 +360,7 @@ def _build_slide(root: str, config: SyntheticCohortConfig, plan: dict) -> dict:
         **attrs,
     }
     sidecar.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")  # concurrent builders never share a temp
     tmp.write_text(json.dumps(row))
     os.replace(tmp, sidecar)
     return row
@@ -501,12 +501,13 @@ def build_cohort(
         bar.close()
     ordered = [rows[p["index"]] for p in plans]
     frame = _assemble(config, ordered, plans)
-    tmp = root / ".manifest.csv.tmp"
+    tmp = root / f".manifest.csv.{os.getpid()}.tmp"
     frame.to_csv(tmp, index=False)
     os.replace(tmp, root / "manifest.csv")
     marker = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config)}
-    (root / ".COMPLETE.tmp").write_text(json.dumps(marker, indent=1, default=list))
-    os.replace(root / ".COMPLETE.tmp", root / "COMPLETE")
+    marker_tmp = root / f".COMPLETE.{os.getpid()}.tmp"
+    marker_tmp.write_text(json.dumps(marker, indent=1, default=list))
+    os.replace(marker_tmp, root / "COMPLETE")
     return load_cohort(root)
 
 
