@@ -135,9 +135,10 @@ def attention_grid_map(
     grid[cells[:, 1], cells[:, 0]] = colour
     ax.imshow(grid, cmap=ATTENTION_CMAP, vmin=0, vmax=1, interpolation="nearest")
     if instance_labels is not None:
-        tumour = np.zeros_like(grid)
-        tumour[cells[:, 1], cells[:, 0]] = np.asarray(instance_labels).reshape(-1)
-        ax.contour(tumour, levels=[0.5], colors=[CONTOUR_COLOUR], linewidths=1.0)
+        from matplotlib.patches import Rectangle
+
+        for x, y in cells[np.asarray(instance_labels).reshape(-1) > 0]:
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor=CONTOUR_COLOUR, linewidth=1.0))
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
@@ -300,7 +301,7 @@ def attention_evolution(
         axes[r, -1].set_xlabel("log10(N·ā)" if r == n_rows - 1 else "")
         if r:
             axes[r, -1].get_legend().remove()
-    _rank_colorbar(fig, axes[:, :-1].ravel().tolist()) if n_cols > 1 else None
-    if title:
-        fig.suptitle(title)
+    fig.suptitle((title + "\n" if title else "") + "grid colour: per-slide attention rank percentile (bright = high); "
+                 "cyan: tumour patches", fontsize=10)
+    fig.tight_layout()
     return fig

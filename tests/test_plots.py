@@ -69,6 +69,7 @@ def test_attention_evolution_panel():
     coords = np.stack(np.meshgrid(np.arange(4), np.arange(3)), -1).reshape(-1, 2) * 32
     snaps = {m: {e: rng.dirichlet(np.ones(12), size=2) for e in range(4)} for m in ("ABMIL", "ABMILX")}
     fig = plots.attention_evolution(snaps, coords, 32, instance_labels=(np.arange(12) < 3).astype(int))
-    assert len(fig.axes) == 2 * 4 + 1  # 2 rows x (3 epochs + histogram) + the colour bar
+    assert len(fig.axes) == 2 * 4  # 2 rows x (3 epochs + histogram)
+    assert len(fig.axes[0].patches) == 3  # the tumour patches outlined
     with pytest.raises(ValueError, match="common"):
         plots.attention_evolution({"a": {0: snaps["ABMIL"][0]}, "b": {1: snaps["ABMIL"][1]}}, coords, 32)
