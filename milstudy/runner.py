@@ -132,6 +132,13 @@ def resolve_kernel(requested: str | None = None) -> str:
     )
 
 
+def _is_ipykernel(kernel_name: str) -> bool:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    argv = KernelSpecManager().get_kernel_spec(kernel_name).argv
+    return any("ipykernel" in part for part in argv)
+
+
 # ========================================================================================= execution
 @dataclass
 class RunJob:
@@ -145,6 +152,7 @@ class RunJob:
     timeout: float | None = None
     progress_bar: bool = False
     environment: dict[str, Any] = field(default_factory=dict)
+    ipykernel: bool = True  # the kernel is ipykernel (accepts --IPKernelApp options)
 
 
 @dataclass
@@ -199,8 +207,13 @@ def _error_record(err: BaseException) -> dict[str, Any]:
 
 
 def _outputs(folder: Path, suffix: str) -> list[str]:
-    files = [p for p in folder.glob(f"*{suffix}") if not p.name.startswith(".")]
-    return [p.name for p in sorted(files, key=lambda p: (p.stat().st_mtime, p.name))]
+    return [p.name for p in _outputs_in_order(folder) if p.suffix == suffix]
+
+
+def _outputs_in_order(folder: Path) -> list[Path]:
+    """Figures (PNG) and tables (CSV) of a results folder, oldest first."""
+    files = [p for p in folder.iterdir() if p.suffix in (".png", ".csv") and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def execute_study(job: RunJob) -> RunOutcome:
@@ -222,6 +235,8 @@ def execute_study(job: RunJob) -> RunOutcome:
                     str(job.study.path), str(executed), parameters=job.parameters, kernel_name=job.kernel,
                     cwd=str(job.study.path.parent), progress_bar=job.progress_bar, log_output=False,
                     execution_timeout=job.timeout,
+                    # ipykernel warns on every start that local TCP is unencrypted; keep batch logs readable
+                    extra_arguments=["--IPKernelApp.log_level=ERROR"] if job.ipykernel else [],
                 )
         except Exception as err:  # the notebook raised, timed out or its kernel died: record, never re-raise
             error = _error_record(err)
@@ -299,8 +314,9 @@ def run_batch(
         return []
     environment = environment_info()
     single = len(batch) == 1
+    ipykernel = _is_ipykernel(kernel_name)
     run_jobs = [RunJob(study, profile, parameters, profile_dir, kernel_name, timeout,
-                       progress_bar=single and sys.stderr.isatty(), environment=environment)
+                       progress_bar=single and sys.stderr.isatty(), environment=environment, ipykernel=ipykernel)
                 for study, parameters in batch]
     print(f"running {len(run_jobs)} notebook(s) under profile {profile!r} with kernel {kernel_name!r} "
           f"-> {profile_dir}", file=out, flush=True)
@@ -353,13 +369,12 @@ def _study_section(study: Study, profile_dir: Path, profile: str) -> list[str]:
     if run is None:
         lines.append(f"_Not run under this profile yet: `milstudy run {study.stem} --profile {profile}`._")
     else:
-        for name in run.get("figures") or _outputs(folder, ".png"):
-            lines += [f"![{name}]({quote(study.stem)}/{quote(name)})", ""]
-        for name in run.get("tables") or [n.removesuffix(".csv") for n in _outputs(folder, ".csv")]:
-            markdown = folder / f"{name}.md"
-            if markdown.is_file():
-                lines += [f"**{name}** ([CSV]({quote(study.stem)}/{quote(name)}.csv))", "",
-                          markdown.read_text().rstrip(), ""]
+        for path in _outputs_in_order(folder):  # figures and tables in the order the notebook saved them
+            link = f"{quote(study.stem)}/{quote(path.name)}"
+            if path.suffix == ".png":
+                lines += [f"![{path.stem}]({link})", ""]
+            elif path.with_suffix(".md").is_file():
+                lines += [f"**{path.stem}** ([CSV]({link}))", "", path.with_suffix(".md").read_text().rstrip(), ""]
         lines += [f"Executed notebook: [{run.get('executed_notebook')}]"
                   f"({quote(study.stem)}/{quote(str(run.get('executed_notebook')))})", "",
                   f"Provenance: {_provenance_line(run)}"]

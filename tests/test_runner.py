@@ -245,7 +245,7 @@ def test_report_indexes_figures_tables_and_provenance(batch):
     readme = runner.write_report("smoke", **tree.locations())
     text = readme.read_text()
     assert readme == tree.results_root / "smoke" / "README.md"
-    assert "![curve.png](good/curve.png)" in text
+    assert "![curve](good/curve.png)" in text and text.index("![curve]") < text.index("**schedule**")
     assert (tree.results_root / "smoke" / "good" / "schedule.md").read_text().strip() in text
     assert "[good.ipynb](good/good.ipynb)" in text
     assert "Provenance: commit" in text and "status **ok**" in text
