@@ -363,7 +363,9 @@ def run_two_stage(
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Two-stage MIL (frozen features) for every seed: returns (runs rows, per-test-slide analysis rows, models).
 
-    bags: split -> list of ``Bag``; config: ``TrainConfig`` (its seed is replaced per run).
+    bags: split -> list of ``Bag``; config: ``TrainConfig`` (its seed is replaced per run). Without "val" bags the
+    training bags stand in for selection (the trainer needs a validation set), i.e. no held-out model selection,
+    like an E2E run without validation; the test bags are never used for selection.
     """
     from milstudy.analysis.tracking import track_two_stage
     from milstudy.data.bags import BagListDataset
@@ -375,7 +377,8 @@ def run_two_stage(
     for seed in seeds:
         seed_everything(int(seed))
         model = build_model(aggregator, in_dim, task.n_out or 2, **aggregator_kwargs)
-        result = train_two_stage(model, task, BagListDataset(bags["train"]), BagListDataset(bags.get("val", [])),
+        val = bags.get("val") or bags["train"]
+        result = train_two_stage(model, task, BagListDataset(bags["train"]), BagListDataset(val),
                                  BagListDataset(bags.get("test", [])), replace(config, seed=int(seed)))
         row = {"run": name, "seed": seed, "best_epoch": result.best_epoch, "wall_time_s": result.wall_time}
         row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
@@ -384,3 +387,15 @@ def run_two_stage(
             finals.append(track_two_stage(model, bags["test"], result.best_epoch, run=name, seed=seed).slides)
         models[(name, seed)] = model
     return pd.DataFrame(rows), pd.concat(finals, ignore_index=True) if finals else pd.DataFrame(), models
+
+
+def slide_thumbnail(cohort: Any, slide: Any, max_size: int = 512) -> tuple[np.ndarray, float, np.ndarray]:
+    """(thumbnail uint8 ``[h, w, 3]``, level-0 px per thumbnail px, tumour mask ``[H, W]`` bool) of a cohort slide,
+    for :func:`milstudy.plots.attention_heatmap`."""
+    from milstudy.data.slides import open_slide
+
+    row = cohort.manifest.set_index("slide_id").loc[slide.slide_id]
+    with open_slide(row["path"]) as handle:
+        thumbnail = handle.thumbnail(max_size)
+        width0 = handle.level_dimensions[0][0]
+    return thumbnail, width0 / thumbnail.shape[1], cohort.mask(row)

@@ -74,3 +74,36 @@ def knn_purity(features: Any, labels: Any, k: int = 10, metric: str = "euclidean
 def embedding_quality(features: Any, labels: Any, k: int = 10) -> dict[str, float]:
     """``silhouette`` and ``knn_purity`` (k neighbours) of instance features ``[N, D]`` against labels ``[N]``."""
     return {"silhouette": silhouette(features, labels), f"knn{k}_purity": knn_purity(features, labels, k=k)}
+
+
+def pca_embedding(features: Any, seed: int = 0) -> np.ndarray:
+    """2-D PCA of instance features ``[N, D] -> [N, 2]`` (the fast stand-in for UMAP in smoke runs)."""
+    from sklearn.decomposition import PCA
+
+    x, _ = _check_features(features)
+    return PCA(n_components=2, random_state=seed).fit_transform(x).astype(np.float32)
+
+
+def compare_feature_sets(
+    feature_sets: dict[str, tuple[Any, Any]],
+    projection: str = "umap",
+    k: int = 10,
+    seed: int = 0,
+    **umap_kwargs: Any,
+) -> tuple[dict[str, np.ndarray], "pd.DataFrame"]:
+    """Project and score several feature sets of the same instances (e.g. weak, strong, after E2E; spec §4.3 E7).
+
+    feature_sets: ``{name: (features [N, D], labels [N])}``; projection: "umap" (seeded, :func:`umap_embedding`) or
+    "pca". Returns (``{name: [N, 2]}``, a table with ``setting``, ``n``, ``silhouette`` and ``knn{k}_purity``
+    computed on the raw features).
+    """
+    import pandas as pd
+
+    if projection not in ("umap", "pca"):
+        raise ValueError(f"projection must be 'umap' or 'pca', got {projection!r}")
+    embeddings, rows = {}, []
+    for name, (features, labels) in feature_sets.items():
+        embeddings[name] = (umap_embedding(features, seed=seed, **umap_kwargs) if projection == "umap"
+                            else pca_embedding(features, seed=seed))
+        rows.append({"setting": name, "n": int(np.asarray(labels).shape[0]), **embedding_quality(features, labels, k)})
+    return embeddings, pd.DataFrame(rows)

@@ -43,3 +43,16 @@ def test_umap_is_seeded_and_two_dimensional():
 def test_bad_input():
     with pytest.raises(ValueError, match="labels has 3"):
         knn_purity(np.zeros((4, 2)), np.zeros(3))
+
+
+def test_compare_feature_sets_scores_raw_features():
+    from milstudy.analysis.embedding import compare_feature_sets
+
+    good, y = _clusters(20.0)
+    bad, _ = _clusters(0.0)
+    embeddings, table = compare_feature_sets({"good": (good, y), "bad": (bad, y)}, projection="pca", k=5)
+    assert embeddings["good"].shape == (80, 2)
+    scores = table.set_index("setting")
+    assert scores.loc["good", "knn5_purity"] > scores.loc["bad", "knn5_purity"]
+    with pytest.raises(ValueError, match="projection"):
+        compare_feature_sets({"good": (good, y)}, projection="tsne")

@@ -1,7 +1,6 @@
 """Patch-label pre-training of the "strong" encoder learns the patch classes and round-trips through a weights file."""
 
 import numpy as np
-import pytest
 import torch
 
 from milstudy.analysis.embedding import knn_purity
@@ -15,14 +14,6 @@ def _patches(n: int = 96, seed: int = 0):
     labels = (np.arange(n) % 4 == 0).astype(np.int64)  # 25 % "tumour": a faint red cast
     patches[labels == 1, :, :, 0] = np.clip(patches[labels == 1, :, :, 0].astype(int) + 30, 0, 255)
     return patches, labels
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: thread hand-off costs more than it saves on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_pretraining_lowers_the_loss_and_separates_the_classes(tmp_path):

@@ -11,14 +11,6 @@ from milstudy.train.e2e import E2EConfig, toy_slides, train_e2e
 from milstudy.train.tasks import ClassificationTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tracker_records_every_epoch_and_lambda_matches_the_model():
     slides = toy_slides(6, n_patches=16, size=16, seed=0)
     positives = [s for s in slides if s.instance_labels.sum() > 0][:2]
