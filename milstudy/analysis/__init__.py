@@ -7,4 +7,5 @@
 - ``embedding``: UMAP of instance features, silhouette and kNN purity.
 - ``sampling_noise``: P(no tumour patch among s sampled), closed form vs measured.
 - ``tracking``: per-epoch attention snapshots of fixed slides and the tidy tables built from them.
+- ``abmilx_study``: data, tracked runs, summaries, the paper's reference numbers and claims for notebooks 10 and 13.
 """
