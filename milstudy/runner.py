@@ -280,14 +280,19 @@ def _run_parallel(jobs: list[RunJob], workers: int, report: Any) -> list[RunOutc
     return outcomes
 
 
+def load_catalog(notebooks_dir: Path | None = None, studies_file: Path | None = None) -> dict[str, Study]:
+    """studies.yaml of ``notebooks_dir`` (defaults: the repository's notebooks/ and its studies.yaml)."""
+    notebooks_dir = Path(notebooks_dir or paths.notebooks_dir())
+    return load_studies(Path(studies_file or notebooks_dir / "studies.yaml"), notebooks_dir)
+
+
 def plan_batch(
     names: list[str], *, run_all: bool = False, profile: str = "cpu", params: list[str] | None = None,
     shard_spec: str | None = None, notebooks_dir: Path | None = None, studies_file: Path | None = None,
 ) -> list[tuple[Study, dict[str, Any]]]:
     """Select, shard and validate a batch without running anything: [(study, resolved parameters)]."""
     check_profile(profile)
-    notebooks_dir = Path(notebooks_dir or paths.notebooks_dir())
-    studies = load_studies(Path(studies_file or notebooks_dir / "studies.yaml"), notebooks_dir)
+    studies = load_catalog(notebooks_dir, studies_file)
     cli = parse_cli_parameters(params)
     chosen = select_studies(studies, names, run_all)
     if shard_spec:
@@ -390,8 +395,7 @@ def write_report(profile: str, *, notebooks_dir: Path | None = None, studies_fil
                  results_root: Path | None = None) -> Path:
     """Regenerate ``results/<profile>/README.md`` (atomic write) from the results folders; returns its path."""
     check_profile(profile)
-    notebooks_dir = Path(notebooks_dir or paths.notebooks_dir())
-    studies = load_studies(Path(studies_file or notebooks_dir / "studies.yaml"), notebooks_dir)
+    studies = load_catalog(notebooks_dir, studies_file)
     profile_dir = Path(results_root or paths.results_root()) / profile
     profile_dir.mkdir(parents=True, exist_ok=True)
     overview = ["| notebook | paper | status | wall time |", "|---|---|---|---|"]
@@ -440,8 +444,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     try:
         check_profile(args.profile)
-        notebooks_dir = Path(args.notebooks_dir or paths.notebooks_dir())
-        studies = load_studies(Path(args.studies or notebooks_dir / "studies.yaml"), notebooks_dir)
+        studies = load_catalog(args.notebooks_dir, args.studies)
         for study in studies.values():
             print(f"{study.stem}  [{study.paper}]  {study.title}")
             if not study.path.is_file():

@@ -141,6 +141,12 @@ def test_missing_kernel_message_says_make_venv(study_tree):
         runner.resolve_kernel("no-such-kernel")
 
 
+def test_python3_fallback_only_for_this_interpreter():
+    assert runner._same_interpreter(sys.executable)
+    assert not runner._same_interpreter("/nonexistent/bin/python3")
+    assert runner.resolve_kernel() in ("milstudy", "python3")  # `make venv` installs milstudy into .venv
+
+
 def test_notebook_can_be_named_by_stem_file_or_path(study_tree):
     for name in ("good", "good.ipynb", str(study_tree.notebooks_dir / "good.ipynb")):
         batch = runner.plan_batch([name], notebooks_dir=study_tree.notebooks_dir)
