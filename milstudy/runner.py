@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -222,7 +221,8 @@ def execute_study(job: RunJob) -> RunOutcome:
 
     stem = job.study.stem
     job.profile_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{stem}-", dir=job.profile_dir)).resolve()
+    tmp = (job.profile_dir / f".tmp-{stem}-{uuid.uuid4().hex[:8]}").resolve()
+    tmp.mkdir()  # not mkdtemp: results keep the usual (umask) permissions, not 0700
     executed = tmp / f"{stem}.ipynb"
     seed = job.parameters.get("seed", 0)
     env = {ENV_OUTPUT_DIR: str(tmp), ENV_PROFILE: job.profile, ENV_SEED: str(seed), ENV_NOTEBOOK: stem,

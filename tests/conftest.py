@@ -55,3 +55,10 @@ def make_study_tree(root: Path) -> StudyTree:
 @pytest.fixture
 def study_tree(tmp_path: Path) -> StudyTree:
     return make_study_tree(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def study_tree_factory():
+    """``make_study_tree`` for module-scoped fixtures (test modules must not `import conftest`: several
+    conftest.py files share that module name)."""
+    return make_study_tree

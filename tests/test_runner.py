@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import StudyTree, make_study_tree
 from milstudy import cli, runner
 from milstudy.paths import REPO_ROOT
 from milstudy.studies import (
@@ -36,7 +35,7 @@ import math  # not a parameter
 
 
 @pytest.fixture
-def good(study_tree: StudyTree) -> Study:
+def good(study_tree) -> Study:
     return load_studies(study_tree.studies_file)["good"]
 
 
@@ -83,7 +82,7 @@ def test_wrong_type_names_expected_type(good, pair, expected):
     assert "(from -p)" in str(err.value)
 
 
-def test_studies_yaml_values_are_validated_too(study_tree: StudyTree):
+def test_studies_yaml_values_are_validated_too(study_tree):
     study_tree.studies_file.write_text("notebooks:\n  good:\n    profiles:\n      smoke: {epochs: many}\n")
     study = load_studies(study_tree.studies_file)["good"]
     with pytest.raises(StudyError, match=r"'epochs' \(from studies.yaml profiles.smoke\) expects int"):
@@ -161,9 +160,9 @@ def test_list_shows_resolved_parameters(study_tree, capsys):
 
 # ------------------------------------------------------------------------- executions (shared, ~4 runs)
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
+def batch(tmp_path_factory, study_tree_factory):
     """One batch with a raising and a good notebook (2 workers), then a failing rerun of the good one."""
-    tree = make_study_tree(tmp_path_factory.mktemp("study"))
+    tree = study_tree_factory(tmp_path_factory.mktemp("study"))
     first_log = io.StringIO()
     with contextlib.redirect_stdout(first_log):  # through the CLI, to see its summary and exit code
         code = cli.main(["run", "--all", "--profile", "smoke", "--jobs", "2", *tree.cli_options()])
@@ -176,7 +175,7 @@ def batch(tmp_path_factory):
     return tree, first, (code, first_log.getvalue()), before, rerun
 
 
-def _latest_run(tree: StudyTree, stem: str) -> dict:
+def _latest_run(tree, stem: str) -> dict:
     for folder in (tree.results_root / "smoke" / stem, tree.results_root / "smoke" / "_failed" / stem):
         if (folder / "run.json").is_file():
             return json.loads((folder / "run.json").read_text())
