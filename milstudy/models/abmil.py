@@ -31,7 +31,7 @@ class AttentionScorer(nn.Module):
         self.gate_branch = (
             nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
         )
-        self.score = nn.Linear(attention_dim, 1)
+        self.score = nn.Linear(attention_dim, 1, bias=False)  # Eq. 8 has no bias (softmax would ignore it)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h ``[B,N,L]`` -> logits ``[B,N]``."""

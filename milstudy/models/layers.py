@@ -3,8 +3,8 @@
 - ``check_bag_input``: the one place that validates ``x`` / ``mask`` (feature width, empty bags).
 - ``masked_softmax``: softmax over instances that is exactly zero on padded positions.
 - ``softmax_attention_times_vector``: ``softmax(Q Kᵀ/√d) a`` for a value of width 1 (the "attention plus" term of
-  ABMILX, Tang et al. 2025 Eq. 4) computed in query chunks with a hand-written backward, so that neither the
-  forward nor the backward ever holds the N x N matrix (memory O(chunk·N), time O(N²d)).
+  ABMILX, Tang et al. 2025 Eq. 4) through torch's fused SDPA kernels, or an exact query-chunked autograd
+  fallback; neither the forward nor the backward ever holds the N x N matrix (memory O(N), time O(N²d)).
 - ``NystromAttention``: the Nyström self-attention of Xiong et al. 2021 (Eqs. 13-15, Moore-Penrose
   pseudo-inverse by the iteration of Razavi et al. 2014) as used by TransMIL (Shao et al. 2021), O(N·landmarks).
 """
@@ -16,6 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def check_bag_input(
@@ -110,19 +113,23 @@ def softmax_attention_times_vector(
     """``U a`` with ``U = softmax(Q Kᵀ / √d)`` (rows over keys), never materialising U (N x N).
 
     q, k: ``[B, h, N, d]``; a: ``[B, h, N]``; mask: ``[B, N]`` (False keys are excluded) -> ``[B, h, N]``.
-    backend: ``"chunked"`` (hand-written chunked autograd, exact, the CPU default), ``"sdpa"``
-    (``F.scaled_dot_product_attention`` with the value padded to width 8, fused kernels on CUDA) or ``"auto"``
-    (sdpa on CUDA, chunked elsewhere). ``budget`` bounds the elements of one chunk's score block.
-    Torch's CPU flash kernel needs equal q/v widths (it refuses a width-1 value) and its math fallback builds
-    the N x N matrix, hence the chunked default on CPU.
+    backend ``"sdpa"`` (= ``"auto"``): ``F.scaled_dot_product_attention`` restricted to the fused flash /
+    memory-efficient kernels (never the math kernel, which builds N x N), with the value column zero-padded to
+    width d because torch's CPU flash kernel requires equal q/v widths (it refuses a width-1 value); if no fused
+    kernel accepts the inputs it falls back to ``"chunked"``: a hand-written exact autograd that loops over
+    query chunks (``budget`` bounds one chunk's score block), slower but also O(N) memory.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        backend = "sdpa" if q.is_cuda else "chunked"
+        backend = "sdpa"
     if backend == "sdpa":
-        value = F.pad(a.unsqueeze(-1), (0, 7))  # [B,h,N,8]; zeros keep column 0 exact
+        value = F.pad(a.unsqueeze(-1), (0, q.shape[-1] - 1))  # [B,h,N,d]; zero columns keep column 0 exact
         attn_mask = None if mask is None else mask[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, value, attn_mask=attn_mask)[..., 0]
+        try:
+            with sdpa_kernel(_FUSED_BACKENDS):
+                return F.scaled_dot_product_attention(q, k, value, attn_mask=attn_mask)[..., 0]
+        except RuntimeError:
+            backend = "chunked"
     if backend != "chunked":
         raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'chunked' or 'sdpa'")
     if mask is None:

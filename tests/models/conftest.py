@@ -1,0 +1,92 @@
+"""Shared toy MIL data for the model-zoo tests: a bag is positive iff it holds one key instance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from milstudy.models import build_model
+
+IN_DIM = 16
+
+# Size overrides for the zoo-wide tests. TransMIL's default 256 landmarks pad every tiny test bag to 256 tokens
+# and invert 256 x 256 kernels per head (seconds per call on 2 cores); dim=64 gives 32 landmarks, same code path.
+TEST_KWARGS: dict[str, dict] = {"transmil": {"dim": 64}}
+
+
+def make_toy_bags(n_bags: int, n_instances: int = 10, dim: int = IN_DIM, seed: int = 0):
+    """Bags ``[n_bags, n_instances, dim]`` of N(0, I) instances; every other bag has one key instance
+    (mean +3 on channels 0-3 and -3 on channels 4-7, noise 0.5) at a random position. The key differs from the
+    background in direction, not only in norm, so models with an input LayerNorm can see it too.
+    Returns (x, labels long[n_bags])."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_bags, n_instances, dim, generator=gen)
+    labels = torch.arange(n_bags) % 2
+    key = torch.zeros(dim)
+    key[:4], key[4:8] = 3.0, -3.0
+    positions = torch.randint(n_instances, (n_bags,), generator=gen)
+    for b in torch.nonzero(labels).flatten().tolist():
+        x[b, positions[b]] = key + 0.5 * torch.randn(dim, generator=gen)
+    return x, labels
+
+
+def forward(model, x, mask=None, targets=None):
+    """Call a zoo model, passing ``targets`` only to models that need them (the trainer's convention)."""
+    if targets is not None and getattr(model, "needs_targets", False):
+        return model(x, mask=mask, targets=targets)
+    return model(x, mask=mask)
+
+
+def fit_toy(name: str, epochs: int = 12, seed: int = 0, **kwargs) -> float:
+    """Train ``name`` with Adam on 240 toy bags and return the accuracy on 200 held-out bags."""
+    torch.manual_seed(seed)
+    model = build_model(name, IN_DIM, 2, **{**TEST_KWARGS.get(name, {}), **kwargs})
+    x, y = make_toy_bags(240, seed=seed)
+    x_test, y_test = make_toy_bags(200, seed=seed + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(x), generator=gen).split(16):
+            out = forward(model, x[batch], targets=y[batch])
+            loss = F.cross_entropy(out.logits, y[batch]) + sum(out.aux_losses.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return (model(x_test).logits.argmax(-1) == y_test).float().mean().item()
+
+
+@pytest.fixture
+def toy_bags():
+    """The toy generator ``make_toy_bags(n_bags, n_instances=10, dim=IN_DIM, seed=0) -> (x, labels)``."""
+    return make_toy_bags
+
+
+@pytest.fixture
+def toy_fit():
+    """``fit_toy(name, epochs=12, seed=0, **model_kwargs) -> held-out accuracy``."""
+    return fit_toy
+
+
+@pytest.fixture
+def call_model():
+    """``forward(model, x, mask=None, targets=None)``: passes targets only to models with ``needs_targets``."""
+    return forward
+
+
+@pytest.fixture
+def test_kwargs():
+    """Per-model size overrides for fast tests (see ``TEST_KWARGS``)."""
+    return TEST_KWARGS
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One torch thread: the 2-core test machine is shared, and oversubscribed threads slow tests ~10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
