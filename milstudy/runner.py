@@ -474,7 +474,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser("run", help="execute notebooks with papermill into results/<profile>/",
                                 description="Execute study notebooks (papermill) under a profile; exit 1 if any "
                                             "failed, 2 on bad input.")
-    run.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="stem (00_quickstart), file name or path")
+    run.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="stem (00_quickstart), number (00), file name or path")
     run.add_argument("--all", action="store_true", help="every notebook in studies.yaml")
     run.add_argument("--profile", default="cpu", help="smoke | cpu | paper (default: cpu)")
     run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",

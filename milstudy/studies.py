@@ -12,6 +12,7 @@ studies.yaml ``profiles[<profile>]`` < command-line ``-p key=value``. ``profile`
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,14 +90,20 @@ def load_studies(studies_file: Path, notebooks_dir: Path | None = None) -> dict[
     return studies
 
 
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_profile(profile: str) -> str:
     if profile not in PROFILES:
-        raise StudyError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+        raise StudyError(f"unknown profile {profile!r}{_did_you_mean(profile, list(PROFILES))}; "
+                         f"choose one of: {', '.join(PROFILES)}")
     return profile
 
 
 def select_studies(studies: dict[str, Study], names: list[str], run_all: bool = False) -> list[Study]:
-    """Resolve NOTEBOOK arguments (stem, file name or path) to studies, in studies.yaml order, no duplicates."""
+    """Resolve NOTEBOOK arguments (stem, file name, path or bare number) to studies, in studies.yaml order."""
     if run_all:
         chosen = list(studies.values())
     elif not names:
@@ -105,9 +112,13 @@ def select_studies(studies: dict[str, Study], names: list[str], run_all: bool = 
         wanted = set()
         for name in names:
             stem = Path(name).name.removesuffix(".ipynb")
+            numbered = [s for s in studies if s.split("_", 1)[0] == stem]  # `10` -> 10_abmilx_...
+            if stem not in studies and len(numbered) == 1:
+                stem = numbered[0]
             if stem not in studies:
                 raise StudyError(
-                    f"unknown notebook {name!r}: not listed in studies.yaml; known notebooks: {', '.join(studies) or '(none)'}"
+                    f"unknown notebook {name!r}{_did_you_mean(stem, list(studies))}: not listed in studies.yaml; "
+                    f"known notebooks: {', '.join(studies) or '(none)'}"
                 )
             wanted.add(stem)
         chosen = [s for s in studies.values() if s.stem in wanted]
@@ -261,7 +272,8 @@ def resolve_parameters(
             if name not in declared:
                 valid = ", ".join(sorted(declared)) or "(none)"
                 raise StudyError(
-                    f"{study.stem}: unknown parameter {name!r} (from {source}); valid parameters: {valid}"
+                    f"{study.stem}: unknown parameter {name!r} (from {source}){_did_you_mean(name, list(declared))}; "
+                    f"valid parameters: {valid}"
                 )
             param = declared[name]
             if source == "-p":

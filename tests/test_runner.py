@@ -4,11 +4,14 @@ sharding, bad input, and the results index. Notebook executions are shared throu
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +19,7 @@ from milstudy import cli, runner
 from milstudy.paths import REPO_ROOT
 from milstudy.studies import (
     Study, StudyError, load_studies, parse_cli_parameters, parse_parameters_source, parse_shard,
-    resolve_parameters, shard,
+    resolve_parameters, select_studies, shard,
 )
 
 # ------------------------------------------------------------------------------ parameters (no kernel)
@@ -68,7 +71,7 @@ def test_unknown_parameter_lists_valid_keys(good):
     with pytest.raises(StudyError) as err:
         resolve_parameters(good, "cpu", parse_cli_parameters(["epochz=3"]))
     message = str(err.value)
-    assert "good" in message and "'epochz'" in message
+    assert "good" in message and "'epochz'" in message and "did you mean 'epochs'?" in message
     assert "valid parameters: epochs, extra, fail, lr, models, name, profile, seed" in message
 
 
@@ -120,7 +123,9 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("args, message", [
     (["run", "nope"], "unknown notebook 'nope': not listed in studies.yaml; known notebooks: bad, good"),
-    (["run", "good", "--profile", "gpu"], "unknown profile 'gpu'; choose one of: smoke, cpu, paper"),
+    (["run", "good", "--profile", "gpu"], "unknown profile 'gpu'"),
+    (["run", "good", "--profile", "smok"], "unknown profile 'smok' (did you mean 'smoke'?); choose one of: smoke, cpu, paper"),
+    (["run", "godo"], "unknown notebook 'godo' (did you mean 'good'?)"),
     (["run", "good", "-p", "epochs"], "-p 'epochs': expected key=value"),
     (["run", "good", "-p", "epochz=1"], "valid parameters:"),
     (["run", "good", "--kernel", "no-such-kernel"], "Jupyter kernel 'no-such-kernel' not found"),
@@ -146,10 +151,17 @@ def test_python3_fallback_only_for_this_interpreter():
     assert runner.resolve_kernel() in ("milstudy", "python3")  # `make venv` installs milstudy into .venv
 
 
-def test_notebook_can_be_named_by_stem_file_or_path(study_tree):
+def test_notebook_can_be_named_by_stem_number_file_or_path(study_tree):
     for name in ("good", "good.ipynb", str(study_tree.notebooks_dir / "good.ipynb")):
         batch = runner.plan_batch([name], notebooks_dir=study_tree.notebooks_dir)
         assert [s.stem for s, _ in batch] == ["good"]
+    study_tree.studies_file.write_text("notebooks:\n  01_first: {}\n  02_second: {}\n  02_other: {}\n")
+    for stem in ("01_first", "02_second", "02_other"):
+        (study_tree.notebooks_dir / f"{stem}.ipynb").write_text("{}")
+    studies = load_studies(study_tree.studies_file)
+    assert [s.stem for s in select_studies(studies, ["01"])] == ["01_first"]
+    with pytest.raises(StudyError, match="unknown notebook '02'"):  # ambiguous number
+        select_studies(studies, ["02"])
 
 
 def test_list_shows_resolved_parameters(study_tree, capsys):
@@ -160,19 +172,47 @@ def test_list_shows_resolved_parameters(study_tree, capsys):
 
 # ------------------------------------------------------------------------- executions (shared, ~4 runs)
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory, study_tree_factory):
-    """One batch with a raising and a good notebook (2 workers), then a failing rerun of the good one."""
-    tree = study_tree_factory(tmp_path_factory.mktemp("study"))
+def batch(tmp_path_factory, study_tree_factory, worker_id):
+    """One batch with a raising and a good notebook (2 workers), then a failing rerun of the good one.
+
+    Executed once per test session: pytest-xdist workers share it through a folder and a file lock (the
+    pytest-xdist recipe for once-only fixtures), so its tests may run on any worker.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    shared = (shared.parent if worker_id != "master" else shared) / "runner-batch"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary_file = shared / "summary.json"
+        if not summary_file.exists():
+            summary_file.write_text(json.dumps(_execute_batch(study_tree_factory(shared))))
+    summary = json.loads(summary_file.read_text())
+    tree = SimpleNamespace(notebooks_dir=shared / "notebooks", studies_file=shared / "notebooks" / "studies.yaml",
+                           results_root=shared / "results")
+    tree.locations = lambda: {"notebooks_dir": tree.notebooks_dir, "studies_file": tree.studies_file,
+                              "results_root": tree.results_root}
+    outcomes = {key: [runner.RunOutcome(o["stem"], o["status"], o["wall_time_s"], Path(o["folder"]), o["error"])
+                      for o in summary[key]] for key in ("first", "rerun")}
+    return tree, outcomes["first"], (summary["code"], summary["log"]), summary["before"], outcomes["rerun"]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def _execute_batch(tree) -> dict:
     first_log = io.StringIO()
     with contextlib.redirect_stdout(first_log):  # through the CLI, to see its summary and exit code
         code = cli.main(["run", "--all", "--profile", "smoke", "--jobs", "2", *tree.cli_options()])
-    first = [runner.RunOutcome(stem, run["status"], run["wall_time_s"], tree.results_root, run["error"])
+    first = [{"stem": stem, "status": run["status"], "wall_time_s": run["wall_time_s"],
+              "folder": str(tree.results_root), "error": run["error"]}
              for stem, run in ((s, _latest_run(tree, s)) for s in ("bad", "good"))]
-    good_dir = tree.results_root / "smoke" / "good"
-    before = {p.name: p.read_bytes() for p in good_dir.iterdir()}
+    before = _digests(tree.results_root / "smoke" / "good")
     rerun = runner.run_batch(["good"], profile="smoke", params=["fail=true"], out=io.StringIO(),
                              **tree.locations())
-    return tree, first, (code, first_log.getvalue()), before, rerun
+    rerun = [{"stem": o.stem, "status": o.status, "wall_time_s": o.wall_time_s, "folder": str(o.folder),
+              "error": o.error} for o in rerun]
+    return {"code": code, "log": first_log.getvalue(), "first": first, "before": before, "rerun": rerun}
 
 
 def _latest_run(tree, stem: str) -> dict:
@@ -199,19 +239,20 @@ def test_failure_does_not_stop_the_batch(batch):
 
 def test_good_notebook_outputs_and_injected_values(batch):
     tree, _, _, before, _ = batch
+    good_dir = tree.results_root / "smoke" / "good"
     assert {"good.ipynb", "run.json", "curve.png", "schedule.csv", "schedule.md", "seen.json"} <= set(before)
-    seen = json.loads(before["seen.json"])
+    seen = json.loads((good_dir / "seen.json").read_text())
     assert (seen["profile"], seen["current_profile"], seen["epochs"], seen["lr"]) == ("smoke", "smoke", 3, 0.5)
     assert seen["env_seed"] == "0" and seen["mplbackend"] == "Agg"
     assert Path(seen["cwd"]) == tree.notebooks_dir.resolve()  # relative paths resolve like in JupyterLab
     assert Path(seen["output_dir"]).parent == (tree.results_root / "smoke").resolve()  # the temporary sibling
-    assert before["schedule.md"].decode().startswith("|")
-    assert before["curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert (good_dir / "schedule.md").read_text().startswith("|")
+    assert (good_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_json_provenance(batch):
-    _, _, _, before, _ = batch
-    run = json.loads(before["run.json"])
+    tree = batch[0]
+    run = json.loads((tree.results_root / "smoke" / "good" / "run.json").read_text())
     for key in ("notebook", "profile", "status", "error", "parameters", "seed", "kernel", "start", "end",
                 "wall_time_s", "git", "python", "platform", "packages", "device", "figures", "tables"):
         assert key in run, key
@@ -234,8 +275,7 @@ def test_failing_rerun_keeps_previous_good_result(batch):
     tree, _, _, before, rerun = batch
     assert [(o.stem, o.status) for o in rerun] == [("good", "failed")]
     assert rerun[0].error["ename"] == "RuntimeError" and "requested failure" in rerun[0].error["evalue"]
-    good_dir = tree.results_root / "smoke" / "good"
-    assert {p.name: p.read_bytes() for p in good_dir.iterdir()} == before
+    assert _digests(tree.results_root / "smoke" / "good") == before
     failed = json.loads((tree.results_root / "smoke" / "_failed" / "good" / "run.json").read_text())
     assert failed["status"] == "failed" and failed["parameters"]["fail"] is True
 
