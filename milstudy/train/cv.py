@@ -64,9 +64,11 @@ def kfold_splits(
     if not 0.0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    n_inner = max(2, round(1.0 / val_fraction))
     splits = []
     for fold, (rest, test) in enumerate(outer.split(np.zeros(len(labels)), labels, groups)):
+        # fewer inner splits when a class is rare, so that every class can reach the validation split
+        smallest = np.unique(labels[rest], return_counts=True)[1].min()
+        n_inner = max(2, min(round(1.0 / val_fraction), int(smallest), len(np.unique(groups[rest]))))
         inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed * 1000 + fold)
         fit, val = next(inner.split(np.zeros(len(rest)), labels[rest], groups[rest]))
         splits.append((rest[fit], rest[val], test))
@@ -185,9 +187,13 @@ def aggregate_runs(results: Mapping[str, CVResult], metrics: Sequence[str] | Non
             if metrics is not None and line["metric"] not in metrics:
                 continue
             row[line["metric"]] = line["text"]
-            row[f"{line['metric']} pooled [95% CI]"] = (
-                f"{line['pooled']:.3f} [{line['ci_lo']:.3f}, {line['ci_hi']:.3f}]"
-                if np.isfinite(line["pooled"]) else "n/a")
+            if not np.isfinite(line["pooled"]):
+                pooled = "n/a"
+            elif np.isfinite(line["ci_lo"]):
+                pooled = f"{line['pooled']:.3f} [{line['ci_lo']:.3f}, {line['ci_hi']:.3f}]"
+            else:  # no bootstrap asked for this metric
+                pooled = f"{line['pooled']:.3f}"
+            row[f"{line['metric']} pooled [95% CI]"] = pooled
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -17,6 +17,7 @@ callers decide between skipping and reporting NaN (``safe_metric``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -47,7 +48,9 @@ def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
 
 def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Mean per-class recall over the classes present in ``y_true``."""
-    return float(skm.balanced_accuracy_score(_labels(y_true), _labels(y_pred)))
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true" is expected on small splits
+        warnings.simplefilter("ignore", UserWarning)
+        return float(skm.balanced_accuracy_score(_labels(y_true), _labels(y_pred)))
 
 
 def f1(y_true: Sequence[int], y_pred: Sequence[int], average: str = "macro") -> float:

@@ -159,7 +159,8 @@ def seed_everything(seed: int) -> None:
 def build_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], config: TrainConfig) -> torch.optim.Optimizer:
     """Adam or AdamW from ``config`` (lr, weight_decay, betas)."""
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.betas))
+    # foreach: one fused kernel per step over all parameters (PyTorch only enables it by default on CUDA)
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.betas), foreach=True)
 
 
 def cosine_schedule(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
