@@ -1,8 +1,8 @@
 """Benchmark: forward+backward time and peak memory of every zoo model vs bag size N (issue 4 "Benchmarks").
 
 Each (model, N) case runs in a fresh subprocess (2 torch threads, CPU, D=1024, batch 1): after a small warm-up
-the process records its max RSS, runs one timed forward+backward on a bag of N instances and reports the max-RSS
-increase (``resource.getrusage``; tracemalloc does not see torch's CPU allocations). The memory slope is the
+the process records its max RSS, runs a timed forward+backward on a bag of N instances (the faster of two runs
+up to N=10k, one run above) and reports the max-RSS increase (``resource.getrusage``; tracemalloc does not see torch's CPU allocations). The memory slope is the
 least-squares slope of log(peak memory) against log(N) per model (1 = linear). Cases whose extrapolated cost
 exceeds the budget are skipped and the reason recorded. Targets: ABMIL at N=10k under 0.5 s; ABMILX (D=256,
 m=8) at N=10k no slower than the authors' N x N implementation (about 20 s on this machine) with memory linear in N.
@@ -61,10 +61,12 @@ def measure_case(name: str, n_instances: int, threads: int = 2) -> dict:
     x = torch.randn(1, n_instances, FEATURE_DIM)
     model.zero_grad(set_to_none=True)
     baseline = _max_rss_mb()
-    start = time.perf_counter()
-    step(x)
-    seconds = time.perf_counter() - start
-    return {"fwd_bwd_s": seconds, "peak_mem_mb": max(_max_rss_mb() - baseline, 0.0)}
+    seconds = []
+    for _ in range(2 if n_instances <= 10_000 else 1):  # the first call at a new shape builds conv primitives
+        start = time.perf_counter()
+        step(x)
+        seconds.append(time.perf_counter() - start)
+    return {"fwd_bwd_s": min(seconds), "peak_mem_mb": max(_max_rss_mb() - baseline, 0.0)}
 
 
 def _run_in_subprocess(name: str, n_instances: int, timeout: float) -> dict:
