@@ -28,6 +28,16 @@ def test_hand_purity():
     # k=1 neighbours: 0->1 (same), 1->0 or 2 (0 at equal distance; nearest index order -> 0, same), 2->1 (diff), 3->2 (same)
     assert knn_purity(x, y, k=1) == pytest.approx(3 / 4)
     assert np.isnan(silhouette(x, np.zeros(4)))
+    # balanced: class 0 purity (1 + 1)/2 = 1, class 1 purity (0 + 1)/2 = 0.5 -> 0.75 (the same here by symmetry)
+    assert knn_purity(x, y, k=1, balanced=True) == pytest.approx(0.75)
+
+
+def test_balanced_purity_exposes_a_minority_class_that_is_ignored():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 3))  # no structure at all
+    y = (np.arange(100) < 5).astype(int)  # 5 % minority
+    assert knn_purity(x, y, k=10) > 0.85
+    assert knn_purity(x, y, k=10, balanced=True) < 0.6
 
 
 @pytest.mark.slow  # umap-learn JIT-compiles with numba on first use: 20-60 s on a loaded 2-core machine
