@@ -146,8 +146,12 @@ def test_resume_after_crash_equals_uninterrupted_run(splits, tmp_path):
 
 
 def test_early_stopping_and_padded_batches(splits):
-    config = dataclasses.replace(FAST, epochs=30, patience=2, min_epochs=3, batch_size=4, monitor="loss")
+    config = dataclasses.replace(FAST, epochs=30, patience=2, min_epochs=3, batch_size=4, eval_batch_size=4,
+                                 monitor="loss")
     _, result = run(splits, config)
+    for bag in splits[2]:  # padded evaluation: attention cropped to each bag's real instances
+        attention = result.attention[bag.slide_id]
+        assert attention.shape == (1, len(bag)) and attention.sum() == pytest.approx(1.0, abs=1e-5)
     assert result.stopped_early and len(result.history) < 30
     assert len(result.history) >= 3 and result.best_epoch == len(result.history) - 2
     losses = [row["val_loss"] for row in result.history]
