@@ -14,10 +14,15 @@ grid's step is ``low_factor`` times the main step, so every low patch covers exa
 (-1 if that low patch has too little tissue). The two scales are sampled independently (as upstream).
 
 An empty grid (no tissue) is a valid result. Grids save to / load from HDF5 (``coords`` dataset + attributes).
+
+:func:`cached_multiscale_grid` memoises :func:`multiscale_grid` (tissue segmentation + tiling take seconds per
+slide) in ``cache_root()/grids/<key>.h5``, keyed by the slide file's identity (resolved path, size, mtime) and every
+grid parameter; files are written atomically and an unreadable cache file is rebuilt.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +35,7 @@ from milstudy.data.tissue import TissueMask, segment_tissue
 __all__ = [
     "MultiScaleGrid",
     "PatchGrid",
+    "cached_multiscale_grid",
     "load_grid",
     "mask_fraction",
     "multiscale_grid",
@@ -229,6 +235,87 @@ def multiscale_grid(
     valid = (cols < n_cols) & (rows < n_rows)
     main_to_low = np.full(len(main), -1, np.int64)
     main_to_low[valid] = cell_to_low[rows[valid] * n_cols + cols[valid]]
+    return MultiScaleGrid(main=main, low=low, main_to_low=main_to_low, low_factor=low_factor)
+
+
+GRID_CACHE_VERSION = 1
+
+
+def _grid_cache_key(path: Path, params: dict) -> str:
+    import hashlib
+    import json
+
+    stat = path.stat()
+    payload = [GRID_CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns, params]
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_multiscale_grid(
+    slide_path: str | os.PathLike,
+    main_mpp: float,
+    patch_size: int,
+    low_factor: int = 2,
+    min_tissue: float = 0.5,
+    *,
+    slide_id: str | None = None,
+    cache: bool = True,
+) -> MultiScaleGrid:
+    """:func:`multiscale_grid` of the slide file ``slide_path`` (default tissue mask), cached on disk.
+
+    The cache file ``cache_root()/grids/<key>.h5`` holds groups ``main`` and ``low`` (as :func:`save_grid`) plus
+    ``main_to_low``; the key covers the file identity (resolved path, size, mtime) and all arguments, so a changed
+    slide or parameter misses. A cache file that cannot be read is rebuilt. ``cache=False`` always recomputes.
+    """
+    from milstudy.paths import cache_root
+
+    path = Path(slide_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: slide file not found")
+    if not cache:
+        return multiscale_grid(path, main_mpp, patch_size, low_factor, min_tissue, slide_id=slide_id)
+    params = {"main_mpp": float(main_mpp), "patch_size": int(patch_size), "low_factor": int(low_factor),
+              "min_tissue": float(min_tissue), "slide_id": slide_id or ""}
+    cache_file = cache_root() / "grids" / f"{_grid_cache_key(path, params)}.h5"
+    if cache_file.exists():
+        try:
+            return _load_multiscale(cache_file)
+        except Exception:  # noqa: BLE001 - truncated / corrupt cache file: rebuild it below
+            pass
+    grids = multiscale_grid(path, main_mpp, patch_size, low_factor, min_tissue, slide_id=slide_id)
+    _save_multiscale(cache_file, grids)
+    return grids
+
+
+def _save_multiscale(path: Path, grids: MultiScaleGrid) -> None:
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write_group(f.create_group("main"), grids.main, {})
+            _write_group(f.create_group("low"), grids.low, {})
+            f.create_dataset("main_to_low", data=np.asarray(grids.main_to_low, np.int64))
+            f.attrs["low_factor"] = grids.low_factor
+            f.attrs["mask_params"] = json.dumps(grids.main.extra.get("mask_params", {}), default=str)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_multiscale(path: Path) -> MultiScaleGrid:
+    import h5py
+
+    main, low = load_grid(path, "main"), load_grid(path, "low")
+    with h5py.File(path, "r") as f:
+        main_to_low = f["main_to_low"][()].astype(np.int64)
+        low_factor = int(f.attrs["low_factor"])
+        mask_params = json.loads(f.attrs["mask_params"])
+    if len(main_to_low) != len(main):
+        raise ValueError(f"{path}: main_to_low has {len(main_to_low)} entries for {len(main)} main patches")
+    for grid in (main, low):
+        grid.extra = {"mask_params": mask_params}
     return MultiScaleGrid(main=main, low=low, main_to_low=main_to_low, low_factor=low_factor)
 
 

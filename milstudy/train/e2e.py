@@ -212,7 +212,8 @@ def slides_from_manifest(
     min_tissue: float = 0.5,
     progress: bool = True,
 ) -> list[E2ESlide]:
-    """Tile every manifest row at two scales (``multiscale_grid``) and, with ``load_banks``, load patch banks.
+    """Tile every manifest row at two scales (``cached_multiscale_grid``: tiled once per slide file and parameters,
+    then read from ``cache_root()/grids/``) and, with ``load_banks``, load the (cached) patch banks.
 
     ``target_column``: a column name, or ``("survival_months", "event")`` for survival targets. Slides that fail to
     open or tile are skipped with a warning (the returned list says which were kept).
@@ -220,7 +221,7 @@ def slides_from_manifest(
     from tqdm.auto import tqdm
 
     from milstudy.data.patches import extract_patch_bank
-    from milstudy.data.tiling import multiscale_grid
+    from milstudy.data.tiling import cached_multiscale_grid
 
     out: list[E2ESlide] = []
     rows = list(manifest.itertuples(index=False))
@@ -231,8 +232,8 @@ def slides_from_manifest(
         else:
             target = tuple(row_d[c] for c in target_column)
         try:
-            grids = multiscale_grid(row_d["path"], main_mpp, patch_size, low_factor, min_tissue,
-                                    slide_id=row_d["slide_id"])
+            grids = cached_multiscale_grid(row_d["path"], main_mpp, patch_size, low_factor, min_tissue,
+                                           slide_id=row_d["slide_id"])
             if grids.main.is_empty:
                 log.warning("slide %s: no tissue patches at %.2f um/px; skipped", row_d["slide_id"], main_mpp)
                 continue
@@ -784,20 +785,33 @@ def run_grid(
     callbacks: Sequence[Callable[[EpochState], None]] = (),
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Train every named config for every seed; one row per run with test/val metrics, epochs and wall time."""
+    """Train every named config for every seed; one row per run with test/val metrics, epochs and wall time.
+
+    Names whose configs are identical (e.g. the default setting of every Table 7 ablation) are trained once per seed
+    (training is deterministic given the config); the later rows copy the first one's and name it in ``same_as``.
+    """
     from tqdm.auto import tqdm
 
     rows = []
+    done: dict[str, dict] = {}
     jobs = [(name, seed) for name in configs for seed in seeds]
     for name, seed in tqdm(jobs, desc="E2E runs", disable=not progress):
         config = replace(configs[name], seed=int(seed))
+        key = repr(config)
+        if key in done and not callbacks:
+            rows.append({**done[key], "run": name, "same_as": done[key]["run"]})
+            continue
         result = train_e2e(data, task, config, callbacks)
         row = {"run": name, "seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
                "wall_time_s": result.wall_time, "train_time_s": result.train_time, "skipped": result.n_skipped}
         row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
         row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+        done[key] = row
+    frame = pd.DataFrame(rows)
+    if "same_as" in frame:
+        frame["same_as"] = frame["same_as"].fillna("")
+    return frame
 
 
 def summarize_grid(frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -867,13 +881,29 @@ PAPER_SETTINGS = {
 }
 
 
+# Synthetic cohort of the ``cpu`` profile of the E2E study notebooks (11, 12): 2048-px slides (about 100-160 main-
+# scale patches, so s = 16-32 is a real sample of the bag and the samplers differ), witness rate down to 1 % (so
+# not every aggregator saturates at AUC 1), 100 slides (60 / 20 / 20 train / val / test).
+CPU_COHORT = dict(n_slides=100, size_range=(2048, 2048), witness_rate_range=(0.01, 0.3))
+
+# Aggregator sizes for the CPU profiles (spec §5.5, profile S: D = 64, m = 4). TransMIL at its paper width (512,
+# 256 landmarks) costs 10x the rest on 2 cores; the CPU profiles use the same D / m for it.
+CPU_AGGREGATOR_KWARGS = {"abmilx": {"dim": 64, "heads": 4}, "transmil": {"dim": 64, "heads": 4}}
+
+
+def aggregator_kwargs(name: str, profile: str) -> dict:
+    """Constructor arguments of zoo model ``name`` for a notebook profile ({} = the model's defaults; paper: {})."""
+    return {} if profile == "paper" else dict(CPU_AGGREGATOR_KWARGS.get(name, {}))
+
+
 def profile_data(profile: str, task: str = "detection", seed: int = 0, n_slides: int | None = None,
                  paper_setting: str = "brca_subtyping") -> tuple[dict[str, list[E2ESlide]], Task, dict]:
     """Slides per split, the task and E2EConfig overrides for a notebook profile.
 
-    smoke: the smoke synthetic cohort (12 small slides); cpu: ``n_slides`` small synthetic slides (1024 px, about
-    25-40 patches each) so a grid of E2E runs fits in minutes on 2 cores; paper: ``PAPER_SETTINGS[paper_setting]``
-    from data_manifests/ and MILSTUDY_SLIDE_ROOT (fails early with a clear message when it is not set).
+    smoke: the smoke synthetic cohort (12 slides of 1024 px, about 25-40 patches each; ``n_slides`` changes the
+    count); cpu: ``CPU_COHORT`` (``n_slides`` slides of 2048 px, default 100, about 100-160 patches each) so a grid
+    of E2E runs fits in minutes on 2 cores; paper: ``PAPER_SETTINGS[paper_setting]`` from data_manifests/ and
+    MILSTUDY_SLIDE_ROOT (fails early with a clear message when it is not set). Grids and patch banks are cached.
     """
     from milstudy.paths import REPO_ROOT, slide_root
 
@@ -888,13 +918,13 @@ def profile_data(profile: str, task: str = "detection", seed: int = 0, n_slides:
         return data, fitted, dict(setting["config"], patch_cache=False)
     cohort: dict[str, Any] = {"profile": "smoke", "task": task}
     if profile == "cpu":
-        cohort["n_slides"] = n_slides or 40
+        cohort.update(CPU_COHORT)
     elif profile != "smoke":
         raise ValueError(f"profile must be smoke, cpu or paper, got {profile!r}")
-    elif n_slides:
-        cohort["n_slides"] = n_slides
+    if n_slides:
+        cohort["n_slides"] = int(n_slides)
     data, fitted = load_data({"cohort": cohort}, seed=seed)
-    return data, fitted, {"aggregator_kwargs": {"dim": 64, "heads": 4}}  # spec §5.5 (profile S: D=64, m=4)
+    return data, fitted, {"aggregator_kwargs": aggregator_kwargs("abmilx", profile)}
 
 
 def table7_configs(base: E2EConfig, ablations: Sequence[str] = ("ffn", "dim", "heads", "ratio", "s", "sampler"),
@@ -906,6 +936,8 @@ def table7_configs(base: E2EConfig, ablations: Sequence[str] = ("ffn", "dim", "h
     values when ``base`` uses D >= 128, else to 16/32/64/128).
     """
     kw = dict(base.aggregator_kwargs)
+    kw.setdefault("ffn", False)  # explicit, so every ablation's default setting is the same config as ``base``
+    base = replace(base, aggregator_kwargs=kw)
     dim = int(kw.get("dim", 64))
     grid: dict[str, E2EConfig] = {}
     for name in ablations:

@@ -7,7 +7,15 @@ import pytest
 
 from milstudy.data.realtissue import real_tissue_slide
 from milstudy.data.slides import open_slide
-from milstudy.data.tiling import load_grid, mask_fraction, multiscale_grid, save_grid, tile_slide
+from milstudy.data import tiling
+from milstudy.data.tiling import (
+    cached_multiscale_grid,
+    load_grid,
+    mask_fraction,
+    multiscale_grid,
+    save_grid,
+    tile_slide,
+)
 from milstudy.data.tissue import segment_tissue
 
 
@@ -109,6 +117,37 @@ def test_grid_hdf5_roundtrip(tiny_slide, tmp_path):
     np.testing.assert_array_equal(back.extra["instance_labels"], np.arange(len(ms.main)))
     np.testing.assert_array_equal(load_grid(path, group="low").coords, ms.low.coords)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def _assert_same_multiscale(a, b):
+    for x, y in ((a.main, b.main), (a.low, b.low)):
+        np.testing.assert_array_equal(x.coords, y.coords)
+        np.testing.assert_array_equal(x.tissue_fraction, y.tissue_fraction)
+        assert x.attrs() == y.attrs()
+    np.testing.assert_array_equal(a.main_to_low, b.main_to_low)
+    assert a.low_factor == b.low_factor
+
+
+def test_grid_cache_hit_miss_and_corrupt_rebuild(tiny_slide, tmp_path, monkeypatch):
+    monkeypatch.setenv("MILSTUDY_CACHE", str(tmp_path))
+    calls = []
+    real = tiling.multiscale_grid
+    monkeypatch.setattr(tiling, "multiscale_grid", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = cached_multiscale_grid(tiny_slide, 2.0, 16, 2, 0.5, slide_id="s1")
+    files = list((tmp_path / "grids").glob("*.h5"))
+    assert len(calls) == 1 and len(files) == 1
+    hit = cached_multiscale_grid(tiny_slide, 2.0, 16, 2, 0.5, slide_id="s1")
+    assert len(calls) == 1  # served from the cache file
+    _assert_same_multiscale(hit, first)
+    _assert_same_multiscale(hit, multiscale_grid(tiny_slide, 2.0, 16, 2, 0.5, slide_id="s1"))
+    cached_multiscale_grid(tiny_slide, 2.0, 16, 2, 0.3, slide_id="s1")  # another min_tissue: a miss
+    assert len(calls) == 2 and len(list((tmp_path / "grids").glob("*.h5"))) == 2
+    files[0].write_bytes(b"not an hdf5 file")  # corrupt: rebuilt, same grids
+    rebuilt = cached_multiscale_grid(tiny_slide, 2.0, 16, 2, 0.5, slide_id="s1")
+    assert len(calls) == 3
+    _assert_same_multiscale(rebuilt, first)
+    assert cached_multiscale_grid(tiny_slide, 2.0, 16, 2, 0.5, slide_id="s1") is not None and len(calls) == 3
+    assert not list((tmp_path / "grids").glob(".*tmp"))
 
 
 def test_bad_parameters_are_named(tiny_slide):

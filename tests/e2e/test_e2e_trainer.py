@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,29 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="unknown E2EConfig field"):
         E2EConfig.from_dict({"s": 8, "batch": 3})
     assert E2EConfig.from_dict({"ratio": "inf"}).ratio == float("inf")
+
+
+def test_run_grid_trains_identical_configs_once(monkeypatch):
+    from milstudy.train import e2e
+
+    calls = []
+    real = e2e.train_e2e
+    monkeypatch.setattr(e2e, "train_e2e", lambda *a, **k: calls.append(a[2].seed) or real(*a, **k))
+    slides = make_toy_slides(6)
+    data = {"train": slides[:4], "val": slides[4:]}
+    base = _config(epochs=1)
+    configs = {"a": base, "b": replace(base), "c": replace(base, s=8)}
+    frame = e2e.run_grid(configs, data, ClassificationTask(2), seeds=[0, 1], progress=False)
+    assert sorted(calls) == [0, 0, 1, 1]  # "b" is "a": trained once per seed
+    assert list(frame["run"]) == ["a", "a", "b", "b", "c", "c"]
+    a, b = frame[frame.run == "a"].drop(columns=["run", "same_as"]), frame[frame.run == "b"].drop(columns=["run", "same_as"])
+    assert a.reset_index(drop=True).equals(b.reset_index(drop=True))
+    assert set(frame.loc[frame.run == "b", "same_as"]) == {"a"}
+
+
+def test_profile_aggregator_sizes():
+    from milstudy.train.e2e import aggregator_kwargs
+
+    assert aggregator_kwargs("transmil", "cpu") == {"dim": 64, "heads": 4}
+    assert aggregator_kwargs("transmil", "paper") == {}
+    assert aggregator_kwargs("abmil", "smoke") == {}
