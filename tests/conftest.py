@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -62,3 +63,13 @@ def study_tree_factory():
     """``make_study_tree`` for module-scoped fixtures (test modules must not `import conftest`: several
     conftest.py files share that module name)."""
     return make_study_tree
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One torch thread per test process: `make test` runs two xdist workers on a 2-core machine, and
+    oversubscribed threads make small tensor work ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

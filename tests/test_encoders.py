@@ -8,7 +8,6 @@ from safetensors.torch import save_file
 
 from milstudy.encoders import build_encoder, file_sha256, list_encoders
 
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize(

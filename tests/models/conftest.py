@@ -81,12 +81,3 @@ def call_model():
 def test_kwargs():
     """Per-model size overrides for fast tests (see ``TEST_KWARGS``)."""
     return TEST_KWARGS
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One torch thread: the 2-core test machine is shared, and oversubscribed threads slow tests ~10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

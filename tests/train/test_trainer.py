@@ -16,7 +16,6 @@ from milstudy.train.sampling import oversample_indices
 from milstudy.train.tasks import ClassificationTask, SurvivalTask
 from milstudy.train.trainer import EMA, TrainConfig, cosine_schedule, seed_everything, train_two_stage
 
-torch.set_num_threads(1)
 DIM = 4
 
 
