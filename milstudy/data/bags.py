@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset
 
 UCSB_PATH = Path(__file__).resolve().parent.parent / "resources" / "ucsb_breast_cancer.csv.gz"
 SURVIVAL = "survival"
@@ -421,26 +421,3 @@ def _stack_targets(targets: list) -> torch.Tensor | None:
     if all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in targets):
         return torch.stack([t.float() for t in targets])
     return torch.tensor([int(t) for t in targets], dtype=torch.long)
-
-
-def class_balanced_sampler(
-    labels: Sequence[int], ratio: float | None = None, num_samples: int | None = None, seed: int = 0
-) -> WeightedRandomSampler:
-    """Oversample minority classes (with replacement).
-
-    ``ratio=None``: every class is drawn equally often in expectation. ``ratio=r``: a class with fewer than
-    ``max_count / r`` slides is up-weighted to that expected count (the ABMILX BRCA resampling is about r = 2).
-    ``num_samples`` defaults to the number of labels.
-    """
-    labels = np.asarray(labels)
-    classes, counts = np.unique(labels, return_counts=True)
-    if ratio is None:
-        target = {c: counts.max() for c in classes}
-    else:
-        if ratio < 1:
-            raise ValueError(f"ratio={ratio} must be >= 1 (largest : smallest class frequency)")
-        target = {c: max(n, counts.max() / ratio) for c, n in zip(classes, counts)}
-    per_class = {c: target[c] / n for c, n in zip(classes, counts)}
-    weights = torch.tensor([per_class[label] for label in labels], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, num_samples or len(labels), replacement=True, generator=generator)

@@ -13,7 +13,6 @@ from milstudy.data.bags import (
     BagDataset,
     BagError,
     BagListDataset,
-    class_balanced_sampler,
     collate_bags,
     load_classic_mil,
     standardize,
@@ -125,14 +124,6 @@ def test_collate_pads_and_masks_exactly_the_real_rows():
     assert survival["targets"].shape == (2, 2) and survival["targets"].dtype == torch.float32
     with pytest.raises(BagError, match="different feature dimensions"):
         collate_bags([Bag(torch.zeros(1, 2), "a"), Bag(torch.zeros(1, 3), "b")])
-
-
-def test_class_balanced_sampler_balances_classes():
-    labels = [0] * 90 + [1] * 10
-    drawn = np.array(labels)[list(class_balanced_sampler(labels, num_samples=4000, seed=1))]
-    assert abs(drawn.mean() - 0.5) < 0.05
-    drawn = np.array(labels)[list(class_balanced_sampler(labels, ratio=3.0, num_samples=4000, seed=1))]
-    assert abs(drawn.mean() - 30 / 120) < 0.05
 
 
 def test_case_level_bags_are_the_union_of_their_slides(tmp_path):
