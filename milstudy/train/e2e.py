@@ -979,10 +979,11 @@ def available_aggregators(wanted: Mapping[str, str]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m milstudy.train.e2e --config C.yaml`` (or under ``torchrun --nproc_per_node=N``).
+    """``python -m milstudy.train.e2e --config C.yaml | --preset NAME`` (or under ``torchrun --nproc_per_node=N``).
 
-    The YAML holds E2EConfig fields plus a ``data`` section (see ``load_data``) and an optional ``out`` folder where
-    rank 0 writes ``history.csv``, ``metrics.json``, ``predictions.csv`` and ``model.safetensors``.
+    ``--preset`` takes a paper setting (``PAPER_SETTINGS``: brca_subtyping, brca_survival, panda) with the slides
+    under ``--slide-root``; ``--set key=value`` overrides single fields. The YAML holds E2EConfig fields plus a
+    ``data`` section (see ``load_data``) and an optional ``out`` folder where rank 0 writes ``history.csv``, ``metrics.json``, ``predictions.csv`` and ``model.safetensors``.
     """
     import json
 
@@ -991,16 +992,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     from milstudy.train import distributed as dist_utils
 
     parser = argparse.ArgumentParser(prog="python -m milstudy.train.e2e", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="YAML: E2EConfig fields + data: {...} + out: DIR")
+    parser.add_argument("--config", help="YAML: E2EConfig fields + data: {...} + out: DIR")
+    parser.add_argument("--preset", choices=sorted(PAPER_SETTINGS),
+                        help="a paper setting (specs/abmilx.md §5.3) on the manifests in data_manifests/")
+    parser.add_argument("--slide-root", help="folder holding the slides of the manifest (default $MILSTUDY_SLIDE_ROOT)")
+    parser.add_argument("--out", help="output folder (overrides the config's 'out')")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an E2EConfig field (YAML value), e.g. --set epochs=5 --set s=256")
     args = parser.parse_args(argv)
-    path = Path(args.config)
-    if not path.is_file():
-        parser.error(f"config file {path} not found")
-    spec = yaml.safe_load(path.read_text()) or {}
+    if bool(args.config) == bool(args.preset):
+        parser.error("give exactly one of --config C.yaml or --preset NAME")
+    if args.preset:
+        from milstudy.paths import REPO_ROOT, slide_root
+
+        root = slide_root(args.slide_root)
+        if root is None:
+            parser.error("--preset reads real slides: pass --slide-root or set MILSTUDY_SLIDE_ROOT")
+        setting = PAPER_SETTINGS[args.preset]
+        spec = dict(copy.deepcopy(setting["config"]), patch_cache=False)
+        spec["data"] = {**setting["data"], "manifest": str(REPO_ROOT / setting["data"]["manifest"]),
+                        "slide_root": str(root)}
+    else:
+        path = Path(args.config)
+        if not path.is_file():
+            parser.error(f"config file {path} not found")
+        spec = yaml.safe_load(path.read_text()) or {}
+        if args.slide_root and isinstance(spec.get("data"), dict):
+            spec["data"]["slide_root"] = args.slide_root
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        spec[key.strip()] = yaml.safe_load(value)
+    if args.out:
+        spec["out"] = args.out
     data_spec = spec.pop("data", None)
     out_dir = spec.pop("out", None)
     if data_spec is None:
-        parser.error(f"{path}: needs a 'data' section (toy / cohort / manifest)")
+        parser.error("the config needs a 'data' section (toy / cohort / manifest)")
     config = E2EConfig.from_dict(spec)
     dist = dist_utils.init_from_env(config.device)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")

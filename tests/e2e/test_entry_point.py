@@ -1,0 +1,48 @@
+"""The ``python -m milstudy.train.e2e`` entry point: argument errors and ``--set`` / ``--out`` overrides."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import e2e_toy  # noqa: F401  registers e2e_test_attention_pool
+from milstudy.train.e2e import main
+
+
+def test_preset_without_slide_root_is_refused(monkeypatch, capsys):
+    monkeypatch.delenv("MILSTUDY_SLIDE_ROOT", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "panda"])
+    assert exit_info.value.code == 2
+    assert "MILSTUDY_SLIDE_ROOT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "exactly one of --config"),
+    (["--config", "missing.yaml"], "not found"),
+    (["--preset", "no_such_setting"], "invalid choice"),
+])
+def test_bad_arguments_name_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_set_and_out_override_the_config(tmp_path: Path, capsys):
+    config = {
+        "encoder": "tiny_cnn", "encoder_kwargs": {"widths": [8, 16, 32, 64]}, "aggregator": "e2e_test_attention_pool",
+        "s": 8, "ratio": 4, "epochs": 5, "lr": 3e-3, "warmup_epochs": 0, "batch_slides": 2, "device": "cpu",
+        "data": {"toy": {"n_slides": 6, "n_patches": 12, "size": 16}}, "out": str(tmp_path / "ignored"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert main(["--config", str(path), "--set", "epochs=1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 1
+    assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 1  # header + one epoch
+    assert not (tmp_path / "ignored").exists()
+    with pytest.raises(SystemExit):
+        main(["--config", str(path), "--set", "epochs"])
+    assert "KEY=VALUE" in capsys.readouterr().err
