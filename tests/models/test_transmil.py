@@ -51,3 +51,36 @@ def test_order_matters_through_ppeg():
     model = build_model("transmil", 6, 2, dim=32).double().eval()
     x = torch.randn(1, 9, 6, dtype=torch.float64)
     assert not torch.allclose(model(x).logits, model(x[:, torch.randperm(9)]).logits)
+
+
+def test_short_sequences_get_exact_attention_and_upstream_padding_stays_available():
+    """A bag with 1 + s² <= landmarks tokens: exact softmax attention (what Nyström approximates when every token is
+    a landmark), not upstream's zero-padding to the landmark count, which the zero tokens' softmax share changes."""
+    torch.manual_seed(0)
+    layer = build_model("transmil", 6, 2, dim=16, heads=2).double().eval().layer1  # 8 landmarks
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    q, k, v = layer.attention.split_heads(layer.norm(x))
+    exact = torch.softmax(q @ k.transpose(-1, -2), -1) @ v + layer.attention.residual_conv(v)
+    exact = x + layer.attention.to_out(exact.transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(layer(x), exact, atol=1e-12, rtol=1e-12)
+    layer.exact_short = False  # upstream: zero-padded to 8 tokens, Nyström
+    assert not torch.allclose(layer(x), exact, atol=1e-3)
+    torch.testing.assert_close(layer(x), x + layer.attention(layer.norm(x)))
+
+
+def test_padded_batch_of_long_bags_equals_bags_one_at_a_time():
+    """Bags longer than the landmarks (Nyström path; its pinv scale couples a batch) and of mixed grid sides."""
+    torch.manual_seed(0)
+    model = build_model("transmil", 6, 2, dim=16, heads=2).double().eval()  # 8 landmarks
+    sizes = (10, 12, 20, 3)  # sides 4, 4, 5 (Nyström: 17 and 26 tokens) and 2 (exact: 5 tokens)
+    padded = 3.0 * torch.randn(len(sizes), max(sizes), 6, dtype=torch.float64)
+    mask = torch.zeros(len(sizes), max(sizes), dtype=torch.bool)
+    for b, n in enumerate(sizes):
+        mask[b, :n] = True
+    out = model(padded, mask=mask)
+    for b, n in enumerate(sizes):
+        single = model(padded[b : b + 1, :n])
+        torch.testing.assert_close(out.logits[b], single.logits[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out.attention[b, :, :n], single.attention[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out.extras["attention_logits"][b, :, :n], single.extras["attention_logits"][0])
+        assert (out.attention[b, :, n:] == 0).all()
