@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from milstudy.train.metrics import bootstrap_ci, summarize
-from milstudy.train.tasks import Task
+from milstudy.train.tasks import ClassificationTask, Task
 from milstudy.train.trainer import TrainConfig, seed_everything, train_two_stage
 
 Preprocess = Callable[[list, list], tuple[list, list]]
@@ -160,6 +160,8 @@ def summarize_cv(
     def pooled(name: str, rows: np.ndarray) -> float:
         return float(np.mean([task.frame_metric(frame.iloc[rows], name) for frame in per_seed]))
 
+    fast = {name: _array_metric(task, per_seed, name) for name in metric_names}
+
     out = []
     for name in metric_names:
         values = runs[f"test_{name}"].to_numpy(dtype=float)
@@ -170,12 +172,45 @@ def summarize_cv(
             pooled_value = float("nan")
         index = np.arange(len(slide_ids))
         wanted = bootstrap_metrics is None or name in bootstrap_metrics
-        ci = bootstrap_ci(lambda rows, _: pooled(name, rows), index, index, n=n_bootstrap if wanted else 0, seed=0)
+        metric_fn = fast[name] or (lambda rows, _, name=name: pooled(name, rows))
+        ci = bootstrap_ci(metric_fn, index, index, n=n_bootstrap if wanted else 0, seed=0)
         out.append({"metric": name, "mean": finite.mean() if len(finite) else np.nan,
                     "std": finite.std(ddof=1) if len(finite) > 1 else 0.0, "text": summarize(values),
                     "n_runs": len(values), "n_undefined": int((~np.isfinite(values)).sum()),
                     "pooled": pooled_value, "boot_mean": ci.mean, "boot_std": ci.std, "ci_lo": ci.lo, "ci_hi": ci.hi})
     return pd.DataFrame(out)
+
+
+def _array_metric(task: Task, per_seed: Sequence[pd.DataFrame], name: str) -> Callable | None:
+    """``fn(rows, _) -> float``: the seed-averaged pooled accuracy or binary AUC on numpy arrays, for the bootstrap.
+
+    Same values as ``task.frame_metric`` (AUC as the Mann-Whitney statistic with average ranks for ties, which is
+    what ``roc_auc_score`` computes) without scikit-learn's input validation on every resample (about 3 ms per call,
+    seconds per 1000 resamples). None for every other task/metric (they take the generic path).
+    """
+    if not isinstance(task, ClassificationTask) or name not in ("accuracy", "auc") or (name == "auc" and task.n_out != 2):
+        return None
+    from scipy.stats import rankdata
+
+    arrays = [(frame["target"].to_numpy(), frame[[f"prob_{k}" for k in range(task.n_out)]].to_numpy(np.float64))
+              for frame in per_seed]
+
+    def accuracy(rows: np.ndarray, _: Any) -> float:
+        return float(np.mean([np.mean(prob[rows].argmax(axis=1) == y[rows]) for y, prob in arrays]))
+
+    def auc(rows: np.ndarray, _: Any) -> float:
+        values = []
+        for y, prob in arrays:
+            positive = y[rows] == 1
+            n_pos = int(positive.sum())
+            n_neg = len(rows) - n_pos
+            if n_pos == 0 or n_neg == 0:
+                raise ValueError("roc_auc is undefined: only one class present in y_true")
+            ranks = rankdata(prob[rows, 1])
+            values.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        return float(np.mean(values))
+
+    return accuracy if name == "accuracy" else auc
 
 
 def aggregate_runs(results: Mapping[str, CVResult], metrics: Sequence[str] | None = None) -> pd.DataFrame:

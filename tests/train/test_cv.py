@@ -45,3 +45,33 @@ def test_cross_validate_pools_out_of_fold_predictions():
     table = aggregate_runs({"toy": result}, metrics=["accuracy", "auc"])
     assert list(table.columns) == ["model", "accuracy", "accuracy pooled [95% CI]", "auc", "auc pooled [95% CI]"]
     assert " ± " in table.loc[0, "accuracy"]
+
+
+def test_bootstrap_fast_path_equals_frame_metric_path():
+    """Accuracy / binary AUC take a numpy path in the bootstrap; it must give the CIs of task.frame_metric exactly
+    (two seeds averaged, tied probabilities, resamples with a single class skipped)."""
+    import pandas as pd
+
+    from milstudy.train.cv import summarize_cv
+    from milstudy.train.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    n, task = 9, ClassificationTask(2)
+    frames = []
+    for seed in (0, 1):
+        p = np.round(rng.random(n), 1)  # ties
+        frames.append(pd.DataFrame({"seed": seed, "fold": 0, "slide_id": [f"s{i}" for i in range(n)],
+                                    "target": [0, 0, 0, 0, 0, 0, 0, 1, 1], "prob_0": 1 - p, "prob_1": p}))
+    predictions = pd.concat(frames, ignore_index=True)
+    runs = pd.DataFrame({"test_accuracy": [0.5, 0.7], "test_auc": [0.6, 0.8]})
+    summary = summarize_cv(runs, predictions, task, ["accuracy", "auc"], n_bootstrap=300).set_index("metric")
+    index = np.arange(n)
+    for name in ("accuracy", "auc"):
+        reference = bootstrap_ci(
+            lambda rows, _: np.mean([task.frame_metric(f.reset_index(drop=True).iloc[rows], name) for f in frames]),
+            index, index, n=300, seed=0)
+        assert np.isclose(summary.loc[name, "ci_lo"], reference.lo, atol=1e-12)
+        assert np.isclose(summary.loc[name, "ci_hi"], reference.hi, atol=1e-12)
+        assert np.isclose(summary.loc[name, "boot_mean"], reference.mean, atol=1e-12)
+        assert np.isclose(summary.loc[name, "boot_std"], reference.std, atol=1e-12)
+    assert reference.n_skipped > 0  # the AUC case exercised undefined resamples
