@@ -240,6 +240,10 @@ def _to_batch(bags: list, device: torch.device) -> dict[str, Any]:
     }
 
 
+def _are_class_indices(targets: torch.Tensor) -> bool:
+    return targets.ndim == 1 and not targets.dtype.is_floating_point
+
+
 def _forward(model: nn.Module, batch: dict[str, Any], targets: torch.Tensor | None):
     in_dim = getattr(model, "in_dim", None)
     if isinstance(in_dim, int) and batch["features"].shape[-1] != in_dim:
@@ -248,7 +252,9 @@ def _forward(model: nn.Module, batch: dict[str, Any], targets: torch.Tensor | No
             f"model's in_dim {in_dim}; build the model with in_dim={batch['features'].shape[-1]}"
         )
     kwargs: dict[str, Any] = {"coords": batch["coords"], "mask": batch["mask"]}
-    if getattr(model, "needs_targets", False) and targets is not None:
+    # Models with label-driven auxiliary losses (CLAM's instance loss) get the bag labels when the task has class
+    # labels; survival targets (time, event) have no classes, so such models train on the task loss alone.
+    if getattr(model, "needs_targets", False) and targets is not None and _are_class_indices(targets):
         kwargs["targets"] = targets
     return model(batch["features"], **kwargs)
 
