@@ -84,3 +84,10 @@ def test_eval_features_independent_of_patch_order():
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         build_encoder("tiny_cnn")(torch.rand(2, 32, 32))
+
+
+def test_uint8_images_equal_float_images_in_unit_range():
+    encoder = build_encoder("tiny_cnn", seed=0).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), encoder(images.float() / 255))

@@ -58,8 +58,9 @@ def read_patch(slide: Slide, grid: PatchGrid, index: int) -> np.ndarray:
 class PatchDataset:
     """Torch-style dataset over one slide's grid; item ``i`` -> ``(image, i, ok)``.
 
-    ``image`` is ``transform(uint8 [p, p, 3])`` if a transform is given, else a float32 tensor ``[3, p, p]`` in
-    [0, 1]. The slide is opened lazily in each process (pickling drops the handle). ``ok`` is False for a region
+    ``image`` is ``transform(uint8 [p, p, 3])`` if a transform is given, else a uint8 tensor ``[3, p, p]``:
+    workers and the host-to-device copy move a quarter of the bytes of float32, and the consumer converts on its
+    device (``PatchEncoder`` accepts uint8 and divides by 255 itself). The slide is opened lazily in each process (pickling drops the handle). ``ok`` is False for a region
     OpenSlide could not decode (the image is then zeros); use :func:`collate_patches` to drop those.
     """
 
@@ -85,7 +86,7 @@ class PatchDataset:
         if self.transform is not None:
             image = self.transform(patch)
         else:
-            image = torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1))).float().div_(255.0)
+            image = torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1)))
         return image, int(index), ok
 
 

@@ -23,7 +23,8 @@ _ENCODERS: dict[str, Callable[..., "PatchEncoder"]] = {}
 class PatchEncoder(nn.Module):
     """A trunk ``[B,3,H,W] -> [B,out_dim]`` plus its input normalisation.
 
-    ``forward(x)``: ``x`` float ``[B, 3, H, W]`` in [0, 1] -> ``[B, out_dim]``. On CUDA the input is converted to
+    ``forward(x)``: ``x`` float ``[B, 3, H, W]`` in [0, 1], or uint8 in [0, 255] (converted on x's device) ->
+    ``[B, out_dim]``. On CUDA the input is converted to
     channels_last (call ``.to(memory_format=torch.channels_last)`` on the module too, as the E2E trainer does).
     ``ignored_prefixes``: state-dict keys of the parts removed by truncation (e.g. ``layer4.``, ``fc.``); a full
     checkpoint of the untruncated network loads, and these keys are dropped.
@@ -52,6 +53,8 @@ class PatchEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"encoder {self.name!r} expects images [B, 3, H, W] in [0, 1], got shape {tuple(x.shape)}")
+        if x.dtype == torch.uint8:
+            x = x.to(self._mean.dtype).div_(255.0)
         x = (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -52,10 +52,10 @@ def test_dataset_in_two_worker_processes(tiny_slide):
     batches = list(loader)
     images = torch.cat([b["images"] for b in batches])
     indices = torch.cat([b["indices"] for b in batches])
-    assert images.shape == (len(grid), 3, 16, 16)
+    assert images.shape == (len(grid), 3, 16, 16) and images.dtype == torch.uint8
     bank = extract_patch_bank(tiny_slide, grid, cache=False)
-    expected = torch.from_numpy(bank[indices.numpy()]).permute(0, 3, 1, 2).float() / 255
-    torch.testing.assert_close(images, expected)
+    expected = torch.from_numpy(bank[indices.numpy()]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
 
 
 def test_corrupt_tiles_are_skipped_and_counted(corrupt_tile_slide):
