@@ -5,7 +5,7 @@ pooling (mean, max), abmil (Ilse et al. 2018), clam (CLAM-SB), dsmil, transmil, 
 Models whose auxiliary losses need the bag label have ``needs_targets = True`` and accept ``targets=``.
 """
 
-from milstudy.models.base import MILOutput, build_model, list_models, register_model, register_preset
+from milstudy.models.base import MILModel, MILOutput, build_model, list_models, register_model, register_preset
 from milstudy.models import abmil, abmilx, clam, dsmil, pooling, transmil  # noqa: F401,E402  (registration)
 
-__all__ = ["MILOutput", "build_model", "list_models", "register_model", "register_preset"]
+__all__ = ["MILModel", "MILOutput", "build_model", "list_models", "register_model", "register_preset"]

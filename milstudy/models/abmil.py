@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from milstudy.models.base import MILOutput, register_model, register_preset
+from milstudy.models.base import MILModel, MILOutput, register_model, register_preset
 from milstudy.models.layers import check_bag_input, masked_softmax
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -41,14 +41,11 @@ class AttentionScorer(nn.Module):
         return self.score(hidden).squeeze(-1)
 
 
-class ABMIL(nn.Module):
+class ABMIL(MILModel):
     """ABMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention ``[B,1,N]``.
 
     extras: ``attention_logits`` ``[B,1,N]`` (0 on padding), ``bag_embedding`` ``[B,L]``.
     """
-
-    needs_targets = False
-    permutation_invariant = True
 
     def __init__(
         self,

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from milstudy.models.base import MILOutput, register_model, register_preset
+from milstudy.models.base import MILModel, MILOutput, register_model, register_preset
 from milstudy.models.layers import check_bag_input, masked_softmax, softmax_attention_times_vector
 
 
-class ABMILX(nn.Module):
+class ABMILX(MILModel):
     """ABMILX aggregator; ``forward(x [B,N,D_in], coords=None, mask=None) -> MILOutput``.
 
     ``attention`` is ``[B, m, N]`` (one distribution per head, not averaged). ``extras``: ``attention_logits``
@@ -36,9 +36,6 @@ class ABMILX(nn.Module):
     ``alpha`` (scalar), ``head_embeddings`` Z before W_proj ``[B,m,d]``, ``bag_embedding`` ``[B,D]``.
     Logits and deltas are 0 on padded positions.
     """
-
-    needs_targets = False
-    permutation_invariant = True
 
     def __init__(
         self,

@@ -33,6 +33,18 @@ class MILOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class MILModel(nn.Module):
+    """Base class of the zoo: ``forward(x, coords=None, mask=None) -> MILOutput``.
+
+    Class attributes the trainers and tests read: ``needs_targets`` (the forward takes ``targets=`` for a
+    label-driven auxiliary loss, e.g. CLAM), ``permutation_invariant`` (False for models with positions, e.g.
+    TransMIL's PPEG).
+    """
+
+    needs_targets: bool = False
+    permutation_invariant: bool = True
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _PRESETS: dict[str, tuple[str, dict]] = {}
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from milstudy.models.abmil import AttentionScorer
-from milstudy.models.base import MILOutput, register_model
+from milstudy.models.base import MILModel, MILOutput, register_model
 from milstudy.models.layers import check_bag_input, masked_softmax
 
 
@@ -38,14 +38,13 @@ def smooth_top1_svm_loss(logits: torch.Tensor, target: torch.Tensor, tau: float 
     return (tau * torch.logsumexp((logits + margin) / tau, dim=-1) - logits.gather(1, target[:, None])[:, 0]).mean()
 
 
-class CLAMSB(nn.Module):
+class CLAMSB(MILModel):
     """CLAM-SB; ``forward(x [B,N,D], coords=None, mask=None, targets=None) -> MILOutput``.
 
     attention ``[B,1,N]``; extras ``attention_logits`` ``[B,1,N]``, ``bag_embedding`` ``[B,512]``.
     """
 
     needs_targets = True
-    permutation_invariant = True
 
     def __init__(
         self,

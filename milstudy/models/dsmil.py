@@ -19,15 +19,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from milstudy.models.base import MILOutput, register_model
+from milstudy.models.base import MILModel, MILOutput, register_model
 from milstudy.models.layers import check_bag_input, masked_softmax
 
 
-class DSMIL(nn.Module):
+class DSMIL(MILModel):
     """DSMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput``."""
 
-    needs_targets = False
-    permutation_invariant = True
 
     def __init__(self, in_dim: int, n_out: int, query_dim: int = 128) -> None:
         super().__init__()

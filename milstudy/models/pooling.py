@@ -14,15 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from milstudy.models.base import MILOutput, register_model
+from milstudy.models.base import MILModel, MILOutput, register_model
 from milstudy.models.layers import check_bag_input
 
 
-class PoolingMIL(nn.Module):
+class PoolingMIL(MILModel):
     """Embedding + mean or max pooling + linear classifier; ``forward(x [B,N,D], coords, mask)``."""
 
-    needs_targets = False
-    permutation_invariant = True
 
     def __init__(self, in_dim: int, n_out: int, mode: str, hidden_dim: int = 512, dropout: float = 0.25) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from milstudy.models.base import MILOutput, register_model
+from milstudy.models.base import MILModel, MILOutput, register_model
 from milstudy.models.layers import NystromAttention, check_bag_input
 
 
@@ -83,10 +83,9 @@ class PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
-class TransMIL(nn.Module):
+class TransMIL(MILModel):
     """TransMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention ``[B,1,N]``."""
 
-    needs_targets = False
     permutation_invariant = False
 
     def __init__(

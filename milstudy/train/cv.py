@@ -48,7 +48,7 @@ class CVResult:
     runs: pd.DataFrame
     predictions: pd.DataFrame
     summary: pd.DataFrame
-    histories: dict[tuple[int, int], list[dict[str, Any]]] = field(default_factory=dict)
+    histories: dict[tuple[int, int], pd.DataFrame] = field(default_factory=dict)
 
 
 def _groups(bags: Sequence[Any]) -> np.ndarray:

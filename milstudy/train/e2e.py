@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from milstudy.data import sampling as S
 from milstudy.models.base import MILOutput, build_model
 from milstudy.train.tasks import Task
-from milstudy.train.trainer import EMA, build_optimizer, cosine_schedule, seed_everything, set_lr
+from milstudy.train.trainer import EMA, FitResult, build_optimizer, cosine_schedule, seed_everything, set_lr
 from milstudy.train.trainer import _better as _improved  # same selection rule as the two-stage trainer
 
 log = logging.getLogger("milstudy.e2e")
@@ -363,24 +363,12 @@ def _collate(items: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------- results
 @dataclass
-class E2EResult:
-    """One end-to-end run: history, validation/test metrics and per-slide outputs at the selected epoch."""
+class E2EResult(FitResult):
+    """An end-to-end run: :class:`FitResult` plus training time and the slides that could not be read."""
 
-    history: pd.DataFrame
-    best_epoch: int
-    monitor: str
-    val_metrics: dict[str, float]
-    test_metrics: dict[str, float] | None
-    test_metrics_last: dict[str, float] | None
-    predictions: pd.DataFrame
-    attention: dict[str, np.ndarray]
-    attention_snapshots: dict[int, dict[str, np.ndarray]]
-    wall_time: float
-    train_time: float
-    n_skipped: int
-    skipped_slides: list[str]
-    config: dict[str, Any]
-    test_metrics_ema: dict[str, float] | None = None
+    train_time: float = 0.0
+    n_skipped: int = 0
+    skipped_slides: list[str] = field(default_factory=list)
     model: nn.Module | None = None
 
 

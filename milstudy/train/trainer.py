@@ -124,12 +124,15 @@ class EvalResult:
 
 
 @dataclass
-class RunResult:
-    """What a training run returns (the model passed in holds the best-epoch weights afterwards)."""
+class FitResult:
+    """What every trainer returns: the two-stage :func:`train_two_stage` and the end-to-end ``train_e2e``.
 
-    history: list[dict[str, Any]]
+    ``history`` has one row per epoch; the metrics, ``predictions`` and ``attention`` are those of the epoch
+    selected on validation (``best_epoch`` by ``monitor``); ``test_metrics_last`` is the last epoch's test score.
+    """
+
+    history: pd.DataFrame
     best_epoch: int
-    best_checkpoint: Path | None
     monitor: str
     val_metrics: dict[str, float]
     test_metrics: dict[str, float] | None
@@ -138,14 +141,18 @@ class RunResult:
     attention: dict[str, np.ndarray]
     attention_snapshots: dict[int, dict[str, np.ndarray]]
     wall_time: float
-    stopped_early: bool
-    task: Task
     config: dict[str, Any]
     val_metrics_ema: dict[str, float] | None = None
     test_metrics_ema: dict[str, float] | None = None
 
-    def history_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.history)
+
+@dataclass
+class RunResult(FitResult):
+    """A two-stage run (the model passed in holds the best-epoch weights afterwards)."""
+
+    best_checkpoint: Path | None = None
+    stopped_early: bool = False
+    task: Task | None = None
 
 
 # ------------------------------------------------------------------------------------------- reusable pieces
@@ -536,7 +543,7 @@ def train_two_stage(
         frames.append(test_best.predictions)
         attention.update(test_best.attention)
     return RunResult(
-        history=history,
+        history=pd.DataFrame(history),
         best_epoch=int(best["epoch"]),
         best_checkpoint=best_path,
         monitor=monitor,

@@ -85,13 +85,13 @@ FAST = TrainConfig(epochs=6, lr=1e-2, warmup_epochs=1, quiet=True)
 
 
 def strip_time(history):
-    return [{k: v for k, v in row.items() if k != "time"} for row in history]
+    return history.drop(columns="time").to_dict("records")
 
 
 def test_learns_toy_mil_problem(splits):
     _, result = run(splits, FAST)
     assert result.test_metrics["accuracy"] >= 0.9
-    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
     assert set(result.predictions["split"]) == {"val", "test"}
     assert {"slide_id", "target", "prob_0", "prob_1", "prediction"} <= set(result.predictions.columns)
     attention = result.attention["te3"]
@@ -153,7 +153,7 @@ def test_early_stopping_and_padded_batches(splits):
         assert attention.shape == (1, len(bag)) and attention.sum() == pytest.approx(1.0, abs=1e-5)
     assert result.stopped_early and len(result.history) < 30
     assert len(result.history) >= 3 and result.best_epoch == len(result.history) - 2
-    losses = [row["val_loss"] for row in result.history]
+    losses = result.history["val_loss"].tolist()
     assert losses[result.best_epoch - 1] == min(losses)
 
 
@@ -172,7 +172,7 @@ def test_survival_with_cox_batches_and_errors(splits):
         train_two_stage(ToyAttentionMIL(n_out=1), task, train, val, None, FAST)
     result = train_two_stage(ToyAttentionMIL(n_out=1), task, train, val, None,
                              dataclasses.replace(FAST, batch_size=4, epochs=8))
-    assert np.isfinite([row["train_loss"] for row in result.history]).all()
+    assert np.isfinite(result.history["train_loss"]).all()
     assert result.val_metrics["c_index"] > 0.7 and result.monitor == "c_index"
     nll = train_two_stage(ToyAttentionMIL(n_out=4), SurvivalTask(n_bins=4), train, val, None,
                           dataclasses.replace(FAST, epochs=3))
@@ -202,7 +202,7 @@ def test_oversampling_reaches_ratio():
 def test_oversampling_in_trainer_sees_more_minority(splits):
     imbalanced = BagListDataset([b for b in splits[0] if b.target == 0] + [b for b in splits[0] if b.target][:4])
     _, result = run((imbalanced, splits[1], splits[2]), dataclasses.replace(FAST, epochs=1, oversample=2.0))
-    assert result.history[0]["train_bags"] == 20 + 10  # 4 positives topped up to 20 / 2
+    assert result.history["train_bags"].iloc[0] == 20 + 10  # 4 positives topped up to 20 / 2
 
 
 def test_cosine_schedule_and_ema():
