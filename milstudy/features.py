@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from milstudy.console import report_slide_statuses
+
 SUMMARY_COLUMNS = ["slide_id", "status", "n_patches", "n_failed", "seconds", "message"]
 
 
@@ -236,11 +238,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         shard=args.shard, device=args.device, amp=not args.no_amp, min_tissue=args.min_tissue,
     )
     counts = summary["status"].value_counts().to_dict()
-    print(f"{len(summary)} slides: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {args.out}")
-    errors = summary[summary["status"] == "error"]
-    for _, row in errors.iterrows():
-        print(f"  error {row['slide_id']}: {row['message']}")
-    return 1 if len(errors) else 0
+    headline = f"{len(summary)} slides: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {args.out}"
+    return report_slide_statuses(summary, headline, failing=("error",))
 
 
 def add_commands(subparsers) -> None:

@@ -96,7 +96,7 @@ def test_cli_reports_errors_with_exit_code(cohort, tmp_path, capsys):
     code = main(["features", "extract", "--manifest", str(path), "--encoder", "tiny_cnn", "--out", str(tmp_path / "f"),
                  "--slide-root", str(root), "--mpp", "4.0", "--patch-size", "32", "--workers", "0", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert code == 1 and "empty 1" in out and "error gone" in out
+    assert code == 1 and "empty 1" in out and "error: gone" in out
 
 
 def test_manifest_mask_path_writes_instance_labels(cohort, tmp_path):

@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from milstudy.console import report_slide_statuses
+
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
 
@@ -101,23 +103,17 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     tmp = out / ".tiling_summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(out / "tiling_summary.csv")
-    bad = summary[summary["status"] != "ok"]
-    print(f"tiled {int((summary['status'] == 'ok').sum())}/{len(summary)} slides, "
-          f"{int(summary['n_patches'].sum())} patches -> {out}")
-    for _, row in bad.iterrows():
-        print(f"  {row['status']}: {row['slide_id']} ({row['path']}): {row['message']}")
-    return 1 if (summary["status"] == "unreadable").any() else 0
+    headline = (f"tiled {int((summary['status'] == 'ok').sum())}/{len(summary)} slides, "
+                f"{int(summary['n_patches'].sum())} patches -> {out}")
+    return report_slide_statuses(summary, headline, failing=("unreadable",))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from milstudy.data.manifests import check_slides
 
     report = check_slides(args.manifest, args.slide_root)
-    bad = report[report["status"] != "ok"]
-    print(f"{len(report) - len(bad)}/{len(report)} slides ok")
-    for _, row in bad.iterrows():
-        print(f"  {row['status']}: {row['slide_id']} -> {row['path']} {row['message']}")
-    return 1 if len(bad) else 0
+    n_ok = int((report["status"] == "ok").sum())
+    return report_slide_statuses(report, f"{n_ok}/{len(report)} slides ok")
 
 
 def add_commands(subparsers) -> None:

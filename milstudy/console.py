@@ -1,0 +1,24 @@
+"""Console summaries shared by the command-line tools."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def report_slide_statuses(summary: pd.DataFrame, headline: str, failing: Collection[str] | None = None) -> int:
+    """Print ``headline`` and one line per slide whose ``status`` is not "ok"; return the exit code.
+
+    ``summary`` has columns ``slide_id``, ``status``, ``message`` (and ``path`` if known). The code is 1 when a
+    status in ``failing`` occurs (None: any status but "ok"), else 0.
+    """
+    print(headline)
+    bad = summary[summary["status"] != "ok"]
+    for _, row in bad.iterrows():
+        where = f" ({row['path']})" if "path" in row and isinstance(row["path"], str) else ""
+        print(f"  {row['status']}: {row['slide_id']}{where}: {row['message']}")
+    fails = bad if failing is None else bad[bad["status"].isin(list(failing))]
+    return 1 if len(fails) else 0
