@@ -18,7 +18,9 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -185,6 +187,24 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, a scheduler cancelling the job) into KeyboardInterrupt while inside, so the
+    ``finally`` clauses run as on Ctrl-C: papermill shuts the kernel down and the temporary folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _move_into_place(source: Path, target: Path) -> None:
     """Replace ``target`` by ``source`` (same filesystem): park the old folder, rename, then delete the old one."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +250,7 @@ def execute_study(job: RunJob) -> RunOutcome:
     start, t0, error = now_iso(), time.perf_counter(), None
     try:
         try:
-            with _environ(env):
+            with _sigterm_as_interrupt(), _environ(env):
                 papermill.execute_notebook(
                     str(job.study.path), str(executed), parameters=job.parameters, kernel_name=job.kernel,
                     cwd=str(job.study.path.parent), progress_bar=job.progress_bar, log_output=False,
@@ -268,15 +288,23 @@ def _run_parallel(jobs: list[RunJob], workers: int, report: Any) -> list[RunOutc
     outcomes = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(execute_study, job): job for job in jobs}
-        for future in as_completed(futures):
-            job = futures[future]
-            try:
-                outcome = future.result()
-            except Exception as err:  # the worker process itself died
-                outcome = RunOutcome(job.study.stem, "failed", 0.0, job.profile_dir / FAILED_DIR / job.study.stem,
-                                     {"ename": type(err).__name__, "evalue": str(err), "exec_count": None})
-            report(outcome)
-            outcomes.append(outcome)
+        try:
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as err:  # the worker process itself died
+                    outcome = RunOutcome(job.study.stem, "failed", 0.0,
+                                         job.profile_dir / FAILED_DIR / job.study.stem,
+                                         {"ename": type(err).__name__, "evalue": str(err), "exec_count": None})
+                report(outcome)
+                outcomes.append(outcome)
+        except KeyboardInterrupt:
+            # pass the interrupt on: each worker's execute_study cleans up on SIGTERM, then stop waiting
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return outcomes
 
 
@@ -428,14 +456,19 @@ def _add_location_options(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     try:
-        outcomes = run_batch(
-            args.notebooks, run_all=args.all, profile=args.profile, params=args.param, jobs=args.jobs,
-            shard_spec=args.shard, kernel=args.kernel, timeout=args.timeout, notebooks_dir=args.notebooks_dir,
-            studies_file=args.studies, results_root=args.results_root,
-        )
+        with _sigterm_as_interrupt():
+            outcomes = run_batch(
+                args.notebooks, run_all=args.all, profile=args.profile, params=args.param, jobs=args.jobs,
+                shard_spec=args.shard, kernel=args.kernel, timeout=args.timeout, notebooks_dir=args.notebooks_dir,
+                studies_file=args.studies, results_root=args.results_root,
+            )
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the notebook that was running left no result; finished ones are in place",
+              file=sys.stderr)
+        return 130
     if outcomes:
         print("\n" + format_summary(outcomes))
     return 1 if any(o.status != "ok" for o in outcomes) else 0

@@ -326,3 +326,37 @@ def test_helpers_fall_back_to_interactive_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(runner.ENV_NOTEBOOK, "07_demo")
     monkeypatch.setenv("MILSTUDY_RESULTS", str(tmp_path))
     assert runner.output_dir() == tmp_path / "interactive" / "07_demo"
+
+
+def test_sigterm_removes_the_temporary_folder_and_exits_130(tmp_path):
+    """`kill` (or a scheduler cancelling the job) mid-notebook: no `.tmp-*` folder, no result, exit code 130."""
+    import signal
+    import time
+
+    import nbformat
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                             "display_name": "Python 3"}})
+    book.cells = [
+        nbformat.v4.new_code_cell("profile = 'cpu'\nseed = 0", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import time\nfrom milstudy.runner import output_dir\n"
+                                  "(output_dir() / 'started').write_text('yes')\ntime.sleep(120)"),
+    ]
+    nbformat.write(book, notebooks / "slow.ipynb")
+    (notebooks / "studies.yaml").write_text("notebooks:\n  slow:\n    paper: none\n    title: sleeps\n")
+    results = tmp_path / "results"
+    command = [sys.executable, "-c", "import sys; from milstudy.cli import main; sys.exit(main())", "run", "slow",
+               "--profile", "smoke", "--notebooks-dir", str(notebooks), "--results-root", str(results)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(results.glob("smoke/.tmp-slow-*/started")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the notebook never started"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not list(results.rglob(".tmp*")) and not (results / "smoke" / "slow").exists()
