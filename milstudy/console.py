@@ -9,16 +9,22 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def report_slide_statuses(summary: pd.DataFrame, headline: str, failing: Collection[str] | None = None) -> int:
-    """Print ``headline`` and one line per slide whose ``status`` is not "ok"; return the exit code.
+def report_slide_statuses(
+    summary: pd.DataFrame, headline: str, failing: Collection[str] | None = None, limit: int = 25
+) -> int:
+    """Print ``headline`` and one line per slide whose ``status`` is not "ok" (the first ``limit``, then a
+    count per status of the rest); return the exit code.
 
     ``summary`` has columns ``slide_id``, ``status``, ``message`` (and ``path`` if known). The code is 1 when a
     status in ``failing`` occurs (None: any status but "ok"), else 0.
     """
     print(headline)
     bad = summary[summary["status"] != "ok"]
-    for _, row in bad.iterrows():
+    for _, row in bad.head(limit).iterrows():
         where = f" ({row['path']})" if "path" in row and isinstance(row["path"], str) else ""
         print(f"  {row['status']}: {row['slide_id']}{where}: {row['message']}")
+    if len(bad) > limit:
+        rest = bad.iloc[limit:]["status"].value_counts().sort_index()
+        print(f"  ... and {len(bad) - limit} more: " + ", ".join(f"{k} {v}" for k, v in rest.items()))
     fails = bad if failing is None else bad[bad["status"].isin(list(failing))]
     return 1 if len(fails) else 0
