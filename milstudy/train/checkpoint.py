@@ -123,6 +123,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def snapshots_to_tensors(snapshots: dict[int, dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Per-epoch attention snapshots ``{epoch: {slide_id: array}}`` as a flat, weights_only-loadable dict."""
+    return {f"{epoch}\t{sid}": torch.from_numpy(a) for epoch, per in snapshots.items() for sid, a in per.items()}
+
+
+def snapshots_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, np.ndarray]]:
+    """Inverse of :func:`snapshots_to_tensors`."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        epoch, sid = key.split("\t", 1)
+        out.setdefault(int(epoch), {})[sid] = value.numpy()
+    return out
+
+
 def epoch_dir(checkpoint_dir: Path, epoch: int) -> Path:
     return Path(checkpoint_dir) / f"epoch_{epoch:04d}"
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from milstudy.data import sampling as S
 from milstudy.models.base import MILOutput, build_model
 from milstudy.train.tasks import Task
+from milstudy.train import checkpoint as ckpt
 from milstudy.train.trainer import EMA, FitResult, build_optimizer, cosine_schedule, seed_everything, set_lr
 from milstudy.train.trainer import _better as _improved  # same selection rule as the two-stage trainer
 
@@ -76,6 +78,9 @@ class E2EConfig:
     device: "auto" | "cpu" | "cuda" | "cuda:1". num_workers: DataLoader workers. patch_cache: train from in-memory
         patch banks (True) or read from the slides through OpenSlide (False).
     snapshot_slides: slide ids whose attention is recorded every epoch; sync_bn: SyncBatchNorm under DDP (CUDA).
+    checkpoint_dir: where rank 0 writes a checkpoint after every epoch (weights, optimizer, EMA, RNG, history; see
+        ``milstudy.train.checkpoint``) and the best-validation weights; resume: continue from the latest one there
+        (same config required; the result equals an uninterrupted run). None = no checkpoints.
     """
 
     encoder: str = "tiny_cnn"
@@ -115,6 +120,8 @@ class E2EConfig:
     snapshot_slides: Sequence[str] = ()
     sync_bn: bool = False
     quiet: bool = True
+    checkpoint_dir: str | None = None
+    resume: bool = True
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -495,6 +502,39 @@ def _select_attention_topk(model: E2EModel, scorer: E2EModel, patches: torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------------- train
+# Fields that only change how a run executes, not what it computes: they may differ on resume.
+_RUNTIME_FIELDS = ("device", "num_workers", "quiet", "checkpoint_dir", "resume", "eval_chunk")
+
+
+def _resume(checkpoint_dir: Path | None, config: E2EConfig, model: nn.Module, ema: EMA | None,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
+    """Load the latest complete checkpoint of ``checkpoint_dir`` into the model, EMA, optimizer, scaler and RNGs.
+
+    Returns ``(state, snapshots, best_state)`` or None when there is nothing to resume. A checkpoint written with
+    a different config (other than ``_RUNTIME_FIELDS``) is refused with the differing fields named.
+    """
+    latest = ckpt.latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        return None
+    state, optimizer_state, extra = ckpt.load_training_checkpoint(latest, model, ema.module if ema else None)
+    saved = state.get("config", {})
+    current = json.loads(json.dumps(config.to_dict(), default=str))  # tuples -> lists, as stored
+    differ = sorted(k for k in current if k not in _RUNTIME_FIELDS and saved.get(k) != current[k])
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ[:6])
+        raise ValueError(f"{latest}: the checkpoint was written with another config ({detail}); "
+                         f"use a new checkpoint_dir, or resume=False to start over")
+    optimizer.load_state_dict(optimizer_state["optimizer"])
+    if "scaler" in optimizer_state:
+        scaler.load_state_dict(optimizer_state["scaler"])
+    best_state = None
+    best_path = Path(checkpoint_dir) / "best" / "model.safetensors"
+    if best_path.is_file():
+        best_state = ckpt.load_weights(copy.deepcopy(model), best_path).state_dict()
+    log.info("resuming from %s (epoch %d done)", latest, state["epoch"])
+    return state, ckpt.snapshots_from_tensors(extra.get("snapshots", {})), best_state
+
+
 def train_e2e(
     slides: Mapping[str, Sequence[E2ESlide]],
     task: Task,
@@ -527,9 +567,11 @@ def train_e2e(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema_decay = config.ema_decay or (config.attention_ema_decay if config.sampler == "attention" else None)
     ema = EMA(model, ema_decay) if ema_decay else None
-    train_model: nn.Module = dist_utils.wrap_ddp(model, device) if dist.enabled else model
     optimizer = build_optimizer(model.parameters(), config)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    progress = _resume(checkpoint_dir, config, model, ema, optimizer, scaler) if config.resume else None
+    train_model: nn.Module = dist_utils.wrap_ddp(model, device) if dist.enabled else model
     steps_per_epoch = math.ceil(math.ceil(len(train_slides) / dist.world_size) / config.batch_slides)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
@@ -547,8 +589,14 @@ def train_e2e(
     best_state, best_epoch, best_value, best_loss, stale = None, -1, None, None, 0
     skipped: list[str] = []
     train_time = 0.0
-    step = 0
-    for epoch in range(config.epochs):
+    step, start_epoch, stop = 0, 0, False
+    if progress is not None:
+        state, snapshots, best_state = progress
+        history, skipped, train_time, step = state["history"], state["skipped"], state["train_time"], state["step"]
+        best_epoch, best_value, best_loss, stale = (state["best"][k] for k in ("epoch", "value", "loss", "stale"))
+        start_epoch, stop = state["epoch"] + 1, state["stopped"]
+        best_state = best_state if best_epoch >= 0 and val_slides else None
+    for epoch in range(start_epoch, config.epochs if not stop else start_epoch):
         epoch_start = time.perf_counter()
         dataset = _TrainSlides(train_slides, config, epoch, pad_to if config.sampler != "attention" else None)
         sampler = dist_utils.epoch_sampler(len(dataset), dist, config.seed, epoch)
@@ -622,6 +670,8 @@ def train_e2e(
             if _improved(value, val.loss, best_value, best_loss, mode):
                 best_value, best_loss, best_epoch, stale = value, val.loss, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
+                if checkpoint_dir is not None and dist.is_main:
+                    ckpt.save_best(checkpoint_dir, best_state, epoch, float(value))
             else:
                 stale += 1
         else:
@@ -637,7 +687,18 @@ def train_e2e(
             model.eval()
             for callback in callbacks:
                 callback(EpochState(epoch, model, row, snapshot, config))
-        if config.patience is not None and stale > config.patience and epoch + 1 >= config.min_epochs:
+        stop = config.patience is not None and stale > config.patience and epoch + 1 >= config.min_epochs
+        if checkpoint_dir is not None and dist.is_main:
+            optimizer_state = {"optimizer": optimizer.state_dict()}
+            if scaler.is_enabled():
+                optimizer_state["scaler"] = scaler.state_dict()
+            state = {"config": config.to_dict(), "history": history, "skipped": skipped, "train_time": train_time,
+                     "step": step, "stopped": stop,
+                     "best": {"epoch": best_epoch, "value": best_value, "loss": best_loss, "stale": stale}}
+            ckpt.save_training_checkpoint(checkpoint_dir, epoch, model, optimizer_state, state,
+                                          ema.module if ema is not None else None,
+                                          {"snapshots": ckpt.snapshots_to_tensors(snapshots)})
+        if stop:
             break
 
     last_state = copy.deepcopy(model.state_dict()) if best_state is not None else None
@@ -971,10 +1032,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``--preset`` takes a paper setting (``PAPER_SETTINGS``: brca_subtyping, brca_survival, panda) with the slides
     under ``--slide-root``; ``--set key=value`` overrides single fields. The YAML holds E2EConfig fields plus a
-    ``data`` section (see ``load_data``) and an optional ``out`` folder where rank 0 writes ``history.csv``, ``metrics.json``, ``predictions.csv`` and ``model.safetensors``.
+    ``data`` section (see ``load_data``) and an optional ``out`` folder where rank 0 writes ``history.csv``,
+    ``metrics.json``, ``predictions.csv`` and ``model.safetensors``, and per-epoch checkpoints under
+    ``out/checkpoints`` (unless ``checkpoint_dir`` is set): rerunning the same command resumes an interrupted run.
     """
-    import json
-
     import yaml
 
     from milstudy.train import distributed as dist_utils
@@ -1016,6 +1077,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec["out"] = args.out
     data_spec = spec.pop("data", None)
     out_dir = spec.pop("out", None)
+    if out_dir and not spec.get("checkpoint_dir"):
+        spec["checkpoint_dir"] = str(Path(out_dir) / "checkpoints")  # rerunning the command resumes
     if data_spec is None:
         parser.error("the config needs a 'data' section (toy / cohort / manifest)")
     config = E2EConfig.from_dict(spec)

@@ -362,18 +362,6 @@ def _better(value: float, loss: float, best_value: float | None, best_loss: floa
     return value > best_value if mode == "max" else value < best_value
 
 
-def _snapshot_tensors(snapshots: dict[int, dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {f"{epoch}\t{sid}": torch.from_numpy(a) for epoch, per in snapshots.items() for sid, a in per.items()}
-
-
-def _snapshots_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, np.ndarray]]:
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        epoch, sid = key.split("\t", 1)
-        out.setdefault(int(epoch), {})[sid] = value.numpy()
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- the trainer
 def train_two_stage(
     model: nn.Module,
@@ -436,7 +424,7 @@ def train_two_stage(
         if "scaler" in optimizer_state:
             scaler.load_state_dict(optimizer_state["scaler"])
         history, best = state["history"], state["best"]
-        snapshots = _snapshots_from_tensors(extra.get("snapshots", {}))
+        snapshots = ckpt.snapshots_from_tensors(extra.get("snapshots", {}))
         start_epoch = state["epoch"] + 1
         best_path = checkpoint_dir / "best" / "model.safetensors"
         if best["epoch"] > 0 and best_path.is_file():
@@ -521,7 +509,7 @@ def train_two_stage(
                 optimizer_state["scaler"] = scaler.state_dict()
             ckpt.save_training_checkpoint(
                 checkpoint_dir, epoch, model, optimizer_state, {"history": history, "best": best},
-                ema.module if ema is not None else None, {"snapshots": _snapshot_tensors(snapshots)},
+                ema.module if ema is not None else None, {"snapshots": ckpt.snapshots_to_tensors(snapshots)},
             )
     bar.close()
 

@@ -135,3 +135,46 @@ def test_profile_aggregator_sizes():
     assert aggregator_kwargs("transmil", "cpu") == {"dim": 64, "heads": 4}
     assert aggregator_kwargs("transmil", "paper") == {}
     assert aggregator_kwargs("abmil", "smoke") == {}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    slides = make_toy_slides(10)
+    splits = {"train": slides[:6], "val": slides[6:8], "test": slides[8:]}
+    # ABMILX has dropout, and EMA is on: the resumed run must restore the RNG and the EMA weights too
+    config = _config(epochs=4, ema_decay=0.9, snapshot_slides=("toy_000",), aggregator="abmilx",
+                     aggregator_kwargs={"dim": 16, "heads": 2, "dropout": 0.25})
+    full = train_e2e(splits, ClassificationTask(2), replace(config, checkpoint_dir=str(tmp_path / "full")),
+                     keep_model=True)
+
+    def crash_after_epoch_1(state):
+        if state.epoch == 1:
+            raise _Interrupt
+
+    run_dir = str(tmp_path / "interrupted")
+    with pytest.raises(_Interrupt):
+        train_e2e(splits, ClassificationTask(2), replace(config, checkpoint_dir=run_dir), [crash_after_epoch_1])
+    assert sorted(p.name for p in (tmp_path / "interrupted").glob("epoch_*")) == ["epoch_0000"]
+    resumed = train_e2e(splits, ClassificationTask(2), replace(config, checkpoint_dir=run_dir), keep_model=True)
+
+    drop = ["epoch_time"]
+    assert resumed.history.drop(columns=drop).equals(full.history.drop(columns=drop))
+    assert resumed.best_epoch == full.best_epoch and resumed.test_metrics == full.test_metrics
+    assert resumed.test_metrics_ema == full.test_metrics_ema
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    assert sorted(resumed.attention_snapshots) == [0, 1, 2, 3]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    slides = make_toy_slides(6)
+    splits = {"train": slides[:4], "val": slides[4:]}
+    train_e2e(splits, ClassificationTask(2), _config(epochs=1, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"another config \(s: 12 -> 8\)"):
+        train_e2e(splits, ClassificationTask(2), _config(epochs=1, s=8, checkpoint_dir=str(tmp_path)))
+    fresh = train_e2e(splits, ClassificationTask(2), _config(epochs=1, s=8, checkpoint_dir=str(tmp_path),
+                                                             resume=False))
+    assert len(fresh.history) == 1
