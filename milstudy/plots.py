@@ -305,3 +305,53 @@ def attention_evolution(
                  "cyan: tumour patches", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def phase_diagram(
+    summary: pd.DataFrame,
+    value: str = "test_auc_mean",
+    note: str | None = "collapsed_fraction",
+    panel: str = "aggregator",
+    x: str = "s",
+    y: str = "witness_rate",
+    vmin: float = 0.5,
+    vmax: float = 1.0,
+    title: str | None = None,
+) -> Figure:
+    """One heatmap per ``panel`` value of ``value`` over ``x`` (columns) x ``y`` (rows, largest at the top), each
+    cell annotated with its value and, if ``note`` is given, "k% at chance" from that column (a fraction).
+
+    ``summary``: e.g. :func:`milstudy.analysis.collapse.summarize_collapse`. Colours run from ``vmin`` (chance,
+    dark) to ``vmax``.
+    """
+    missing = [c for c in (value, panel, x, y, *([note] if note else [])) if c not in summary]
+    if missing:
+        raise ValueError(f"summary lacks columns {missing}; it has {list(summary.columns)}")
+    panels = list(dict.fromkeys(summary[panel]))
+    xs, ys = sorted(summary[x].unique()), sorted(summary[y].unique(), reverse=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.1 * len(xs) * len(panels) + 2.2, 0.75 * len(ys) + 1.6),
+                             squeeze=False)
+    image = None
+    for ax, name in zip(axes[0], panels):
+        rows = summary[summary[panel] == name].set_index([y, x])
+        grid = np.array([[rows[value].get((yy, xx), np.nan) for xx in xs] for yy in ys], dtype=float)
+        image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+        for i, yy in enumerate(ys):
+            for j, xx in enumerate(xs):
+                if np.isnan(grid[i, j]):
+                    continue
+                text = f"{grid[i, j]:.2f}"
+                if note:
+                    text += f"\n{100 * float(rows[note].get((yy, xx), np.nan)):.0f}% chance"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if grid[i, j] < (vmin + vmax) / 2 else "black")
+        ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
+        ax.set_xlabel(x)
+        ax.set_ylabel(y if ax is axes[0][0] else "")
+        ax.set_title(str(name))
+        ax.grid(False)
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02, label=value)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -26,7 +26,6 @@ from milstudy.models.layers import check_bag_input, masked_softmax
 class DSMIL(MILModel):
     """DSMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput``."""
 
-
     def __init__(self, in_dim: int, n_out: int, query_dim: int = 128) -> None:
         super().__init__()
         self.in_dim, self.query_dim = in_dim, query_dim

@@ -21,7 +21,6 @@ from milstudy.models.layers import check_bag_input
 class PoolingMIL(MILModel):
     """Embedding + mean or max pooling + linear classifier; ``forward(x [B,N,D], coords, mask)``."""
 
-
     def __init__(self, in_dim: int, n_out: int, mode: str, hidden_dim: int = 512, dropout: float = 0.25) -> None:
         super().__init__()
         if mode not in ("mean", "max"):

@@ -741,9 +741,13 @@ def train_e2e(
 
 # ------------------------------------------------------------------------------------------------- data sources
 def toy_slides(n_slides: int, n_patches: int = 24, size: int = 16, seed: int = 0, n_low: int = 8,
-               witness_rate: float = 0.25) -> list[E2ESlide]:
+               witness_rate: float = 0.25, contrast: float = 1.0) -> list[E2ESlide]:
     """A hand-built in-memory cohort for tests and benchmarks: grey-noise patches, label 1 on odd slides, whose
-    ``witness_rate`` share of main-scale patches is red (``instance_labels`` = 1). No slide files involved."""
+    ``witness_rate`` share of main-scale patches (at least one) is red (``instance_labels`` = 1); ``contrast`` < 1
+    blends the red with the grey noise (0 = invisible). No slide files involved."""
+    if not 0.0 <= contrast <= 1.0 or not 0.0 < witness_rate <= 1.0:
+        raise ValueError(f"toy_slides: contrast must be in [0, 1] and witness_rate in (0, 1], got {contrast}, "
+                         f"{witness_rate}")
     rng = np.random.default_rng(seed)
     out = []
     side = int(np.ceil(np.sqrt(n_patches)))
@@ -755,7 +759,8 @@ def toy_slides(n_slides: int, n_patches: int = 24, size: int = 16, seed: int = 0
         truth = np.zeros(n_patches, np.int64)
         if label:
             witness = rng.choice(n_patches, size=max(1, int(round(n_patches * witness_rate))), replace=False)
-            main[witness, :, :, 0], main[witness, :, :, 1:] = 230, 40
+            red = np.array([230, 40, 40], np.float32)
+            main[witness] = np.rint((1 - contrast) * main[witness] + contrast * red).astype(np.uint8)
             truth[witness] = 1
         out.append(E2ESlide(f"toy_{i:03d}", label, coords.copy(), main, low, instance_labels=truth))
     return out
