@@ -342,7 +342,7 @@ def phase_diagram(
                     continue
                 text = f"{grid[i, j]:.2f}"
                 if note:
-                    text += f"\n{100 * float(rows[note].get((yy, xx), np.nan)):.0f}% chance"
+                    text += f"\n{100 * float(rows[note].get((yy, xx), np.nan)):.0f}% at chance"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8,
                         color="white" if grid[i, j] < (vmin + vmax) / 2 else "black")
         ax.set_xticks(range(len(xs)), [str(v) for v in xs])
