@@ -6,6 +6,11 @@
   ``tumour_fraction`` / ``instance_labels`` when a ground-truth mask is known; ``low/`` with ``--multiscale``)
   plus ``tiling_summary.csv`` (per-slide counts, empty slides, unreadable slides).
 * ``milstudy data check --manifest M --slide-root R``: lists missing / unreadable slides, exit 1 if any.
+* ``milstudy data masks --manifest M --slide-root R --annotations DIR --out DIR [--downsample 32]``: lesion
+  annotations (ASAP XML, ``<slide_id>.xml``) -> tumour masks ``<out>/<slide_id>.png`` and ``<out>/manifest.csv``
+  (the input manifest + ``mask_path``, ``mask_downsample``), which ``data tile`` and ``features extract`` turn into
+  instance labels. Slides without an annotation file get an empty mask (every patch negative, as CAMELYON's
+  normal slides) unless ``--missing skip``.
 """
 
 from __future__ import annotations
@@ -116,6 +121,57 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return report_slide_statuses(report, f"{n_ok}/{len(report)} slides ok")
 
 
+def _cmd_masks(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from milstudy.data.annotations import TUMOUR_LABEL, write_annotation_mask
+    from milstudy.data.manifests import load_manifest, resolve_paths
+    from milstudy.data.slides import SlideError, open_slide
+
+    frame = resolve_paths(load_manifest(args.manifest, require=("slide_id", "path")), args.slide_root)
+    annotations, out = Path(args.annotations), Path(args.out)
+    if not annotations.is_dir():
+        print(f"error: --annotations {annotations} is not a folder of <slide_id>.xml files", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    records, mask_paths = [], []
+    for _, row in tqdm(frame.iterrows(), total=len(frame), desc="masks", unit="slide"):
+        slide_id, xml = str(row["slide_id"]), annotations / f"{row['slide_id']}.xml"
+        record = {"slide_id": slide_id, "path": str(row["path"]), "status": "ok", "tumour_px": 0, "message": ""}
+        target = out / f"{slide_id}.png"
+        try:
+            if not xml.is_file() and args.missing == "skip":
+                record["status"], record["message"] = "no annotation", "skipped (no mask_path)"
+                target = None
+            else:
+                dimensions = open_slide(row["path"], mpp=args.slide_mpp).dimensions
+                if xml.is_file():
+                    target, record["tumour_px"] = write_annotation_mask(xml, dimensions, target, args.downsample)
+                else:
+                    shape = (int(np.ceil(dimensions[1] / args.downsample)), int(np.ceil(dimensions[0] / args.downsample)))
+                    Image.fromarray(np.zeros(shape, np.uint8)).save(target, format="PNG")
+                    record["message"] = "no annotation: empty mask"
+                if xml.is_file() and record["tumour_px"] == 0:
+                    record["status"], record["message"] = "empty", f"{xml.name} has no tumour area inside the slide"
+        except (SlideError, FileNotFoundError, ValueError) as err:
+            record["status"], record["message"], target = "error", str(err), None
+        records.append(record)
+        mask_paths.append(str(target.resolve()) if target is not None else "")
+    frame = load_manifest(args.manifest, require=("slide_id", "path")).assign(
+        mask_path=mask_paths, mask_downsample=float(args.downsample))
+    tmp = out / ".manifest.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    tmp.replace(out / "manifest.csv")
+    summary = pd.DataFrame.from_records(records)
+    annotated = int((summary["tumour_px"] > 0).sum())
+    headline = (f"{annotated}/{len(summary)} slides with tumour annotations (label {TUMOUR_LABEL} in the masks) "
+                f"-> {out}/manifest.csv")
+    return report_slide_statuses(summary, headline, failing=("error",))
+
+
 def add_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="synthetic cohorts, tiling, slide checks")
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -146,5 +202,16 @@ def add_commands(subparsers) -> None:
     p.add_argument("--manifest", required=True)
     p.add_argument("--slide-root", default=None)
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("masks", help="lesion annotations (ASAP / CAMELYON XML) -> tumour masks + manifest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--slide-root", default=None)
+    p.add_argument("--annotations", required=True, help="folder of <slide_id>.xml (ASAP format)")
+    p.add_argument("--out", required=True, help="output folder for <slide_id>.png + manifest.csv")
+    p.add_argument("--downsample", type=float, default=32.0, help="level-0 px per mask px (default 32)")
+    p.add_argument("--missing", choices=("empty", "skip"), default="empty",
+                   help="slides without an annotation file: empty mask (default) or no mask")
+    p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of level 0 for slides without metadata")
+    p.set_defaults(func=_cmd_masks)
 
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
