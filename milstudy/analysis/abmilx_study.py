@@ -16,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,36 +78,69 @@ def stratified_subset(manifest: pd.DataFrame, max_slides: int | None, seed: int 
     return manifest.loc[sorted(keep)].reset_index(drop=True)
 
 
+def read_detection_manifest(manifest: str | Path, slide_root: str | Path | None = None) -> pd.DataFrame:
+    """A real (or any) detection manifest with absolute ``path`` and ``mask_path``.
+
+    Needs ``slide_id, case_id, path, label, split``; ``mask_path`` / ``mask_downsample`` give patch labels
+    (``milstudy data masks`` writes them from CAMELYON XML). Relative paths resolve against ``slide_root``
+    (default ``MILSTUDY_SLIDE_ROOT``, else the manifest's folder); rows without a mask keep ``mask_path`` empty.
+    """
+    import os
+
+    from milstudy.data.manifests import load_manifest, resolve_paths
+    from milstudy.paths import slide_root as default_root
+
+    root = slide_root or default_root(None) or Path(manifest).resolve().parent
+    frame = resolve_paths(load_manifest(manifest, require=("slide_id", "case_id", "path", "label", "split")), root)
+    if "mask_path" not in frame:
+        frame["mask_path"], frame["mask_downsample"] = "", np.nan
+    masks = frame["mask_path"].fillna("").astype(str)
+    frame["mask_path"] = [m if not m or os.path.isabs(m) else str(Path(root) / m) for m in masks]
+    return frame
+
+
 def load_detection_slides(
     profile: str,
     seed: int = 0,
     max_slides: int | None = None,
     main_mpp: float = 2.0,
     patch_size: int = 32,
+    manifest: str | Path | None = None,
+    slide_root: str | Path | None = None,
+    load_banks: bool = True,
     **cohort_overrides: Any,
 ) -> DetectionData:
-    """The synthetic CAMELYON-like detection cohort of ``profile`` as E2E slides with patch labels per split.
+    """Detection slides as E2E slides with patch labels per split: the synthetic CAMELYON-like cohort of
+    ``profile``, or the cohort of ``manifest`` (:func:`read_detection_manifest`; required by the paper profile).
 
-    Patch label = tumour fraction ≥ 0.5 of the patch's level-0 square (``milstudy.data.synthetic.instance_labels``).
-    ``max_slides`` takes a stratified subset (:func:`stratified_subset`) to fit a time budget.
+    Patch label = tumour fraction ≥ 0.5 of the patch's level-0 square (``milstudy.data.synthetic.instance_labels``);
+    slides without a mask have ``instance_labels = None``. ``max_slides`` takes a stratified subset
+    (:func:`stratified_subset`) to fit a time budget. ``load_banks=False`` reads patches from the slides through
+    OpenSlide when needed instead of caching every slide's patches (real cohorts at 20x).
     """
     from milstudy.data.synthetic import cohort_for_profile, instance_labels
     from milstudy.train.e2e import build_task, slides_from_manifest, split_slides
 
-    if profile == "paper":
-        raise NotImplementedError(
-            "the 'paper' profile needs CAMELYON slides with annotation masks: point MILSTUDY_SLIDE_ROOT at them and "
-            "build E2ESlide lists with milstudy.train.e2e.load_data({'manifest': ...}); instance labels come from "
-            "the lesion masks (not shipped)")
-    cohort = cohort_for_profile(profile, task="detection", seed=seed, **cohort_overrides)
-    manifest = stratified_subset(cohort.manifest, max_slides, seed)
-    slides = slides_from_manifest(manifest, "label", main_mpp, patch_size, progress=False)
-    rows = manifest.set_index("slide_id")
+    cohort = None
+    if manifest is not None:
+        frame = read_detection_manifest(manifest, slide_root)
+    elif profile == "paper":
+        raise ValueError(
+            "the 'paper' profile reads a real detection cohort (e.g. CAMELYON16): pass manifest= (notebook 10: "
+            "-p manifest=FILE), a CSV with slide_id, case_id, path, label, split and, for patch labels, mask_path / "
+            "mask_downsample; `milstudy data masks` writes one from the lesion XML files")
+    else:
+        cohort = cohort_for_profile(profile, task="detection", seed=seed, **cohort_overrides)
+        frame = cohort.manifest
+    frame = stratified_subset(frame, max_slides, seed)
+    slides = slides_from_manifest(frame, "label", main_mpp, patch_size, load_banks=load_banks, progress=False)
+    rows = frame.set_index("slide_id")
     for slide in slides:
-        _, labels = instance_labels(rows.loc[slide.slide_id], slide.coords, slide.main_grid.size_level0)
-        slide.instance_labels = labels
-    splits = split_slides(slides, dict(zip(manifest["slide_id"].astype(str), manifest["split"].astype(str))))
-    return DetectionData(splits, build_task({"type": "classification"}, [s.target for s in slides]), cohort, manifest)
+        row = rows.loc[slide.slide_id]
+        if isinstance(row.get("mask_path"), str) and row["mask_path"]:
+            _, slide.instance_labels = instance_labels(row, slide.coords, slide.main_grid.size_level0)
+    splits = split_slides(slides, dict(zip(frame["slide_id"].astype(str), frame["split"].astype(str))))
+    return DetectionData(splits, build_task({"type": "classification"}, [s.target for s in slides]), cohort, frame)
 
 
 def pick_tracked_slides(slides: Sequence[Any], n: int = 2) -> list:
@@ -389,13 +423,19 @@ def run_two_stage(
     return pd.DataFrame(rows), pd.concat(finals, ignore_index=True) if finals else pd.DataFrame(), models
 
 
-def slide_thumbnail(cohort: Any, slide: Any, max_size: int = 512) -> tuple[np.ndarray, float, np.ndarray]:
-    """(thumbnail uint8 ``[h, w, 3]``, level-0 px per thumbnail px, tumour mask ``[H, W]`` bool) of a cohort slide,
-    for :func:`milstudy.plots.attention_heatmap`."""
+def slide_thumbnail(data: Any, slide: Any, max_size: int = 512) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """(thumbnail uint8 ``[h, w, 3]``, level-0 px per thumbnail px, tumour mask bool or None) of a slide of
+    ``data`` (a :class:`DetectionData`, or a synthetic cohort), for :func:`milstudy.plots.attention_heatmap`."""
+    from PIL import Image
+
     from milstudy.data.slides import open_slide
 
-    row = cohort.manifest.set_index("slide_id").loc[slide.slide_id]
+    row = data.manifest.set_index("slide_id").loc[slide.slide_id]
     with open_slide(row["path"]) as handle:
         thumbnail = handle.thumbnail(max_size)
         width0 = handle.level_dimensions[0][0]
-    return thumbnail, width0 / thumbnail.shape[1], cohort.mask(row)
+    mask_path = row.get("mask_path")
+    mask = None
+    if isinstance(mask_path, str) and mask_path:
+        mask = np.asarray(Image.open(mask_path)) >= 2  # milstudy label maps: >= 2 is tumour
+    return thumbnail, width0 / thumbnail.shape[1], mask

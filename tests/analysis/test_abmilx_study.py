@@ -1,5 +1,7 @@
 """Study plumbing of notebooks 10/13: subsets, mean ± std, claims checked in code."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,3 +63,33 @@ def test_pick_tracked_slides_takes_positive_median_witness_slides():
     assert len(picked) == 2 and all(s.instance_labels.sum() > 0 for s in picked)
     with pytest.raises(ValueError, match="no positive slide"):
         pick_tracked_slides([s for s in slides if s.target == 0])
+
+
+def test_detection_slides_from_a_manifest_match_the_cohort(tmp_path):
+    """A real-cohort manifest (relative paths under a slide root, masks as written by `data masks`) gives the same
+    slides, splits and patch labels as the synthetic cohort it describes."""
+    from milstudy.analysis.abmilx_study import load_detection_slides, slide_thumbnail
+    from milstudy.data.synthetic import cohort_for_profile
+
+    cohort = cohort_for_profile("smoke", task="detection")
+    frame = cohort.manifest.copy()
+    frame["path"] = [str(Path(p).relative_to(cohort.root)) for p in frame["path"]]
+    frame["mask_path"] = [str(Path(p).relative_to(cohort.root)) for p in frame["mask_path"]]
+    frame.loc[0, "mask_path"] = ""  # a slide without a mask keeps instance_labels None
+    manifest = tmp_path / "detection.csv"
+    frame.to_csv(manifest, index=False)
+    synthetic = load_detection_slides("smoke")
+    real = load_detection_slides("paper", manifest=manifest, slide_root=cohort.root)
+    for split in ("train", "val", "test"):
+        assert [s.slide_id for s in real.splits[split]] == [s.slide_id for s in synthetic.splits[split]]
+    first = str(frame.loc[0, "slide_id"])
+    for ours, theirs in zip(sum(real.splits.values(), []), sum(synthetic.splits.values(), [])):
+        if ours.slide_id == first:
+            assert ours.instance_labels is None
+        else:
+            np.testing.assert_array_equal(ours.instance_labels, theirs.instance_labels)
+    slide = next(s for s in real.splits["train"] if s.slide_id != first)
+    thumbnail, downsample, mask = slide_thumbnail(real, slide, max_size=128)
+    assert thumbnail.shape[2] == 3 and downsample > 1 and mask is not None and mask.dtype == bool
+    with pytest.raises(ValueError, match="milstudy data masks"):
+        load_detection_slides("paper")
