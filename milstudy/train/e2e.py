@@ -183,6 +183,15 @@ class E2ESlide:
         return len(self.coords)
 
     @property
+    def patch_size(self) -> int:
+        """Side in px of the stored main-scale patches."""
+        if self.main is not None:
+            return int(self.main.shape[1])
+        if self.main_grid is not None:
+            return int(self.main_grid.patch_size)
+        return int(self.read("main", np.arange(1)).shape[1])
+
+    @property
     def n_low(self) -> int:
         if self.low is not None:
             return len(self.low)
@@ -207,6 +216,62 @@ class E2ESlide:
                 slide.close()
         except Exception as error:  # noqa: BLE001 - any read failure makes the slide unusable for this step
             raise UnreadableSlideError(f"slide {self.slide_id} ({self.path}): {type(error).__name__}: {error}") from error
+
+
+@dataclass
+class E2ECase(E2ESlide):
+    """A multi-slide case as one bag (specs/abmilx.md §2.6: "a multi-WSI case is one bag: the union of its slides'
+    patches"). Main- and low-scale indices run over ``parts`` in order; ``slide_id`` is the case id and ``coords`` /
+    ``instance_labels`` are the parts' concatenated (coordinates stay per-slide level-0 pixels)."""
+
+    parts: list[E2ESlide] = field(default_factory=list)
+
+    @property
+    def n_main(self) -> int:
+        return sum(part.n_main for part in self.parts)
+
+    @property
+    def n_low(self) -> int:
+        return sum(part.n_low for part in self.parts)
+
+    def read(self, scale: str, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return self.parts[0].read(scale, indices)
+        sizes = [part.n_main if scale == "main" else part.n_low for part in self.parts]
+        starts = np.cumsum([0] + sizes)
+        owner = np.searchsorted(starts, indices, side="right") - 1
+        out = None
+        for k in np.unique(owner):
+            at = np.flatnonzero(owner == k)
+            patches = self.parts[k].read(scale, indices[at] - starts[k])
+            if out is None:
+                out = np.empty((len(indices),) + patches.shape[1:], patches.dtype)
+            out[at] = patches
+        return out
+
+
+def cases_from_slides(slides: Sequence[E2ESlide], case_of: Mapping[str, str]) -> list[E2ESlide]:
+    """One bag per case (``case_of[slide_id]``), in order of first appearance: a single-slide case is that slide
+    renamed to the case id, several slides become an :class:`E2ECase`. Slides of one case must share the target."""
+    groups: dict[str, list[E2ESlide]] = {}
+    for slide in slides:
+        groups.setdefault(str(case_of.get(slide.slide_id, slide.slide_id)), []).append(slide)
+    out: list[E2ESlide] = []
+    for case_id, members in groups.items():
+        targets = {repr(m.target) for m in members}
+        if len(targets) > 1:
+            raise ValueError(f"case {case_id!r}: its slides {[m.slide_id for m in members]} have different targets "
+                             f"{sorted(targets)}; a case-level bag needs one target")
+        if len(members) == 1:
+            out.append(replace(members[0], slide_id=case_id))
+            continue
+        labels = [m.instance_labels for m in members]
+        out.append(E2ECase(case_id, members[0].target, np.concatenate([m.coords for m in members]),
+                           main_grid=members[0].main_grid, low_grid=members[0].low_grid,
+                           instance_labels=None if any(v is None for v in labels) else np.concatenate(labels),
+                           parts=list(members)))
+    return out
 
 
 def slides_from_manifest(
@@ -576,8 +641,7 @@ def train_e2e(
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
     pad_to = config.s if config.batch_slides > 1 else None
-    patch_size = (train_slides[0].main.shape[1] if train_slides[0].main is not None
-                  else train_slides[0].main_grid.patch_size)
+    patch_size = train_slides[0].patch_size
     crop = config.crop_size or patch_size
     monitor = task.primary_metric if config.monitor == "auto" else config.monitor
     mode = "min" if "loss" in monitor else "max"
@@ -798,7 +862,7 @@ def load_data(spec: Mapping[str, Any], seed: int = 0, load_banks: bool = True) -
     ``spec`` keys: ``toy: {n_slides: 8, ...}`` (in-memory toy cohort) | ``cohort: {profile: smoke}`` (synthetic
     cohort from ``milstudy.data.synthetic.cohort_for_profile``) | ``manifest: path`` + ``slide_root``; plus
     ``task`` (see ``build_task``), ``main_mpp``, ``patch_size``, ``low_factor``, ``target`` (column name, or
-    ``[survival_months, event]``).
+    ``[survival_months, event]``) and ``by_case`` (one bag per ``case_id``, see :func:`cases_from_slides`).
     """
     task_spec = spec.get("task")
     if "toy" in spec:
@@ -827,6 +891,10 @@ def load_data(spec: Mapping[str, Any], seed: int = 0, load_banks: bool = True) -
                                   float(spec.get("main_mpp", 2.0)), int(spec.get("patch_size", 32)),
                                   int(spec.get("low_factor", 2)), load_banks=load_banks)
     splits = dict(zip(manifest["slide_id"].astype(str), manifest["split"].astype(str)))
+    if spec.get("by_case"):  # one bag per case; manifests are validated to keep a case in one split
+        case_of = dict(zip(manifest["slide_id"].astype(str), manifest["case_id"].astype(str)))
+        splits = {case_of[sid]: split for sid, split in splits.items()}
+        slides = cases_from_slides(slides, case_of)
     return split_slides(slides, splits), build_task(task_spec, [s.target for s in slides])
 
 
@@ -920,7 +988,7 @@ PAPER_SETTINGS = {
                     aggregator_kwargs={"dim": 256, "heads": 8, "ffn": False})),
     "brca_survival": dict(
         data={"manifest": "data_manifests/tcga_brca_survival.csv", "main_mpp": 1.0, "patch_size": 256,
-              "target": ["survival_months", "event"], "task": {"type": "survival", "n_bins": 4}},
+              "target": ["survival_months", "event"], "task": {"type": "survival", "n_bins": 4}, "by_case": True},
         config=dict(encoder="resnet18_trunc", optimizer="adamw", lr=8e-5, weight_decay=5e-2, epochs=30,
                     warmup_epochs=5, patience=10, min_epochs=20, batch_slides=2, s=768, ratio=10, crop_size=224,
                     rrc_scale_min=0.08, hflip=False, vflip=False, ema_decay=None,

@@ -178,3 +178,58 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     fresh = train_e2e(splits, ClassificationTask(2), _config(epochs=1, s=8, checkpoint_dir=str(tmp_path),
                                                              resume=False))
     assert len(fresh.history) == 1
+
+
+def test_case_bags_read_across_their_slides_and_train():
+    from milstudy.train.e2e import E2ECase, cases_from_slides
+
+    slides = make_toy_slides(8)
+    case_of = {s.slide_id: f"case_{i // 2 if i < 4 else i}" for i, s in enumerate(slides)}
+    for i in (1, 3):  # cases of two slides need one target
+        slides[i - 1].target = slides[i].target
+    cases = cases_from_slides(slides, case_of)
+    assert [c.slide_id for c in cases] == ["case_0", "case_1", "case_4", "case_5", "case_6", "case_7"]
+    pair = cases[0]
+    assert isinstance(pair, E2ECase) and pair.n_main == slides[0].n_main + slides[1].n_main
+    assert pair.n_low == slides[0].n_low + slides[1].n_low
+    union = np.concatenate([slides[0].main, slides[1].main])
+    picks = np.array([30, 2, 25, 24, 0, 47])
+    np.testing.assert_array_equal(pair.read("main", picks), union[picks])
+    np.testing.assert_array_equal(pair.instance_labels,
+                                  np.concatenate([slides[0].instance_labels, slides[1].instance_labels]))
+    assert pair.read("low", np.array([], np.int64)).shape[0] == 0
+    assert not isinstance(cases[2], E2ECase) and cases[2].main is slides[4].main  # one slide: renamed, same data
+    result = train_e2e({"train": cases[:4], "val": cases[4:]}, ClassificationTask(2), _config(epochs=1))
+    assert set(result.predictions["slide_id"]) == {"case_6", "case_7"} and result.n_skipped == 0
+    evaluation = evaluate_slides(build_e2e_model(_config(), 2).eval(), cases[:1], ClassificationTask(2), _config(),
+                                 torch.device("cpu"))
+    assert evaluation.attention["case_0"].shape[-1] == pair.n_main  # evaluation sees every patch of the case
+
+
+def test_case_with_disagreeing_targets_is_refused():
+    from milstudy.train.e2e import cases_from_slides
+
+    slides = make_toy_slides(2)  # labels 0 and 1
+    with pytest.raises(ValueError, match="case 'c'.*different targets"):
+        cases_from_slides(slides, {s.slide_id: "c" for s in slides})
+
+
+def test_load_data_by_case_merges_slides_of_a_case(tmp_path):
+    from milstudy.data.synthetic import cohort_for_profile
+    from milstudy.train.e2e import E2ECase, load_data
+
+    frame = cohort_for_profile("smoke", task="detection").manifest.copy()
+    frame.loc[1, ["case_id", "label", "split"]] = frame.loc[0, ["case_id", "label", "split"]].to_numpy()
+    manifest = tmp_path / "m.csv"
+    frame.to_csv(manifest, index=False)
+    spec = {"manifest": str(manifest), "main_mpp": 4.0, "patch_size": 32, "by_case": True}
+    splits, _ = load_data(spec, load_banks=False)
+    bags = {b.slide_id: b for bags in splits.values() for b in bags}
+    assert len(bags) == len(frame) - 1
+    merged = bags[str(frame.loc[0, "case_id"])]
+    assert isinstance(merged, E2ECase) and [p.slide_id for p in merged.parts] == list(frame["slide_id"][:2])
+    assert merged in splits[str(frame.loc[0, "split"])]
+    frame.loc[1, "split"] = "test" if frame.loc[0, "split"] != "test" else "train"
+    frame.to_csv(manifest, index=False)
+    with pytest.raises(ValueError, match="more than one partition"):  # the manifest check names the lines
+        load_data(spec, load_banks=False)
