@@ -856,13 +856,38 @@ def build_task(spec: Mapping[str, Any] | None, targets: Sequence[Any]) -> Task:
     raise ValueError(f"task type must be classification, grading or survival, got {kind!r}")
 
 
+def _assign_splits(manifest: pd.DataFrame, spec: Mapping[str, Any], seed: int) -> pd.DataFrame:
+    """The ``split`` column a run uses: ``fold: k`` takes column ``fold_k`` (train/test, e.g. the upstream survival
+    folds) and carves a patient-level validation share ``val_fraction`` (default 0.125, spec pitfall 4: never select
+    on test) out of its train cases; without a split column, a patient-level 70/15/15 split."""
+    from milstudy.data.manifests import patient_split
+
+    stratify = spec.get("stratify") or next((c for c in ("label", "event") if c in manifest.columns), None)
+    if spec.get("fold") is not None:
+        column = f"fold_{int(spec['fold'])}"
+        if column not in manifest.columns:
+            folds = sorted(c for c in manifest.columns if c.startswith("fold_"))
+            raise ValueError(f"data.fold={spec['fold']}: the manifest has no column {column!r} (folds: {folds})")
+        manifest = manifest.assign(split=manifest[column].astype(str))
+        val_fraction = float(spec.get("val_fraction", 0.125))
+        if val_fraction > 0 and not (manifest["split"] == "val").any():
+            train = manifest[manifest["split"] == "train"]
+            carved = patient_split(train, val=val_fraction, test=0.0, stratify=stratify, seed=seed)
+            manifest.loc[carved.index, "split"] = carved["split"].astype(str)
+        return manifest
+    if "split" not in manifest.columns:
+        return patient_split(manifest, stratify=stratify, seed=seed)
+    return manifest
+
+
 def load_data(spec: Mapping[str, Any], seed: int = 0, load_banks: bool = True) -> tuple[dict[str, list[E2ESlide]], Task]:
     """Slides per split and the task from a run file's data section.
 
     ``spec`` keys: ``toy: {n_slides: 8, ...}`` (in-memory toy cohort) | ``cohort: {profile: smoke}`` (synthetic
     cohort from ``milstudy.data.synthetic.cohort_for_profile``) | ``manifest: path`` + ``slide_root``; plus
     ``task`` (see ``build_task``), ``main_mpp``, ``patch_size``, ``low_factor``, ``target`` (column name, or
-    ``[survival_months, event]``) and ``by_case`` (one bag per ``case_id``, see :func:`cases_from_slides`).
+    ``[survival_months, event]``), ``by_case`` (one bag per ``case_id``, see :func:`cases_from_slides`) and
+    ``fold`` / ``val_fraction`` (see :func:`_assign_splits`).
     """
     task_spec = spec.get("task")
     if "toy" in spec:
@@ -882,14 +907,15 @@ def load_data(spec: Mapping[str, Any], seed: int = 0, load_banks: bool = True) -
         manifest = load_manifest(spec["manifest"], slide_root=spec.get("slide_root"))
     else:
         raise ValueError("data spec needs one of 'toy', 'cohort' or 'manifest' (with 'slide_root')")
-    if "split" not in manifest.columns:
-        from milstudy.data.manifests import patient_split
-
-        manifest = patient_split(manifest, seed=seed)
+    manifest = _assign_splits(manifest, spec, seed)
     target = spec.get("target", "label")
     slides = slides_from_manifest(manifest, target if isinstance(target, str) else tuple(target),
                                   float(spec.get("main_mpp", 2.0)), int(spec.get("patch_size", 32)),
                                   int(spec.get("low_factor", 2)), load_banks=load_banks)
+    if not slides:
+        source = spec.get("manifest", "the cohort")
+        raise ValueError(f"{source}: none of its {len(manifest)} slides could be opened and tiled (slide root "
+                         f"{spec.get('slide_root')}); `milstudy data check --manifest M --slide-root R` lists why")
     splits = dict(zip(manifest["slide_id"].astype(str), manifest["split"].astype(str)))
     if spec.get("by_case"):  # one bag per case; manifests are validated to keep a case in one split
         case_of = dict(zip(manifest["slide_id"].astype(str), manifest["case_id"].astype(str)))
@@ -988,7 +1014,8 @@ PAPER_SETTINGS = {
                     aggregator_kwargs={"dim": 256, "heads": 8, "ffn": False})),
     "brca_survival": dict(
         data={"manifest": "data_manifests/tcga_brca_survival.csv", "main_mpp": 1.0, "patch_size": 256,
-              "target": ["survival_months", "event"], "task": {"type": "survival", "n_bins": 4}, "by_case": True},
+              "target": ["survival_months", "event"], "task": {"type": "survival", "n_bins": 4}, "by_case": True,
+              "fold": 0},
         config=dict(encoder="resnet18_trunc", optimizer="adamw", lr=8e-5, weight_decay=5e-2, epochs=30,
                     warmup_epochs=5, patience=10, min_epochs=20, batch_slides=2, s=768, ratio=10, crop_size=224,
                     rrc_scale_min=0.08, hflip=False, vflip=False, ema_decay=None,
@@ -1119,6 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a paper setting (specs/abmilx.md §5.3) on the manifests in data_manifests/")
     parser.add_argument("--slide-root", help="folder holding the slides of the manifest (default $MILSTUDY_SLIDE_ROOT)")
     parser.add_argument("--out", help="output folder (overrides the config's 'out')")
+    parser.add_argument("--fold", type=int, help="use the manifest's fold_K column as the split (e.g. brca_survival: 0, 1, 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an E2EConfig field (YAML value), e.g. --set epochs=5 --set s=256")
     args = parser.parse_args(argv)
@@ -1148,6 +1176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec[key.strip()] = yaml.safe_load(value)
     if args.out:
         spec["out"] = args.out
+    if args.fold is not None:
+        if not isinstance(spec.get("data"), dict):
+            parser.error("--fold needs a 'data' section in the config")
+        spec["data"]["fold"] = args.fold
     data_spec = spec.pop("data", None)
     out_dir = spec.pop("out", None)
     if out_dir and not spec.get("checkpoint_dir"):

@@ -233,3 +233,23 @@ def test_load_data_by_case_merges_slides_of_a_case(tmp_path):
     frame.to_csv(manifest, index=False)
     with pytest.raises(ValueError, match="more than one partition"):  # the manifest check names the lines
         load_data(spec, load_banks=False)
+
+
+def test_upstream_survival_fold_keeps_its_test_cases_and_carves_validation_from_train():
+    from milstudy.data.manifests import load_manifest
+    from milstudy.paths import REPO_ROOT
+    from milstudy.train.e2e import _assign_splits
+
+    manifest = load_manifest(REPO_ROOT / "data_manifests" / "tcga_brca_survival.csv")
+    for fold in range(3):
+        out = _assign_splits(manifest, {"fold": fold}, seed=0)
+        upstream = manifest[f"fold_{fold}"].astype(str)
+        assert (out["split"][upstream == "test"] == "test").all()  # the upstream test fold is untouched
+        assert set(out["split"][upstream == "train"]) == {"train", "val"}
+        cases = out.groupby("case_id")["split"].nunique()
+        assert (cases == 1).all()  # patient-level
+        train_cases = manifest.loc[upstream == "train", "case_id"].nunique()
+        val_cases = out.loc[out["split"] == "val", "case_id"].nunique()
+        assert 0.10 < val_cases / train_cases < 0.15
+    with pytest.raises(ValueError, match="no column 'fold_7'"):
+        _assign_splits(manifest, {"fold": 7}, seed=0)
