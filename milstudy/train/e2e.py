@@ -1037,7 +1037,7 @@ CPU_COHORT = dict(n_slides=100, size_range=(2048, 2048), witness_rate_range=(0.0
 
 # Aggregator sizes for the CPU profiles (spec §5.5, profile S: D = 64, m = 4). TransMIL at its paper width (512,
 # 256 landmarks) costs 10x the rest on 2 cores; the CPU profiles use the same D / m for it.
-CPU_AGGREGATOR_KWARGS = {"abmilx": {"dim": 64, "heads": 4}, "transmil": {"dim": 64, "heads": 4}}
+CPU_AGGREGATOR_KWARGS = {name: {"dim": 64, "heads": 4} for name in ("abmilx", "transmil", "vitmil", "qamil")}
 
 
 def aggregator_kwargs(name: str, profile: str) -> dict:
