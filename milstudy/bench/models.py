@@ -30,10 +30,12 @@ MODELS = [
     "clam_sb",
     "dsmil",
     "transmil",
+    "qamil",
+    "vitmil",
     "mhla",
     "abmilx_paper_brca_sub",  # D=256, m=8: the shapes of the authors' 20 s reference
 ]
-QUADRATIC = {"abmilx_paper_brca_sub"}  # A+ is O(N²) time by design (memory stays O(N))
+QUADRATIC = {"abmilx_paper_brca_sub", "vitmil"}  # O(N²) time by design (A+; full self-attention); memory O(N)
 MAX_CASE_SECONDS = 150.0
 MAX_CASE_MB = 3000.0
 
