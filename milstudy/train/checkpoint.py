@@ -18,6 +18,7 @@ leaves a half-written file; ``latest_checkpoint`` only returns folders whose ``s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -188,6 +189,31 @@ def load_training_checkpoint(
     extra = torch.load(folder / "extra.pt", map_location="cpu", weights_only=True)
     set_rng_state(torch.load(folder / "rng.pt", map_location="cpu", weights_only=True))
     return state, optimizer_state, extra
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """What ``save_training_checkpoint`` stores as ``optimizer_state``: the optimizer and, when enabled, the AMP scaler."""
+    state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_optimizer(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None = None) -> None:
+    """Inverse of :func:`optimizer_state`."""
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+
+
+def load_best_state(checkpoint_dir: Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The weights ``save_best`` wrote under ``checkpoint_dir``, as a state dict shaped like ``model``'s (on its
+    device), or None when there are none; ``model`` itself is not changed."""
+    path = Path(checkpoint_dir) / "best" / "model.safetensors"
+    if not path.is_file():
+        return None
+    return {k: v.detach().clone() for k, v in load_weights(copy.deepcopy(model), path).state_dict().items()}
 
 
 def save_best(checkpoint_dir: Path, state_dict: dict[str, torch.Tensor], epoch: int, value: float) -> Path:

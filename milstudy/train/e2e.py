@@ -589,13 +589,8 @@ def _resume(checkpoint_dir: Path | None, config: E2EConfig, model: nn.Module, em
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differ[:6])
         raise ValueError(f"{latest}: the checkpoint was written with another config ({detail}); "
                          f"use a new checkpoint_dir, or resume=False to start over")
-    optimizer.load_state_dict(optimizer_state["optimizer"])
-    if "scaler" in optimizer_state:
-        scaler.load_state_dict(optimizer_state["scaler"])
-    best_state = None
-    best_path = Path(checkpoint_dir) / "best" / "model.safetensors"
-    if best_path.is_file():
-        best_state = ckpt.load_weights(copy.deepcopy(model), best_path).state_dict()
+    ckpt.restore_optimizer(optimizer_state, optimizer, scaler)
+    best_state = ckpt.load_best_state(checkpoint_dir, model)
     log.info("resuming from %s (epoch %d done)", latest, state["epoch"])
     return state, ckpt.snapshots_from_tensors(extra.get("snapshots", {})), best_state
 
@@ -753,13 +748,10 @@ def train_e2e(
                 callback(EpochState(epoch, model, row, snapshot, config))
         stop = config.patience is not None and stale > config.patience and epoch + 1 >= config.min_epochs
         if checkpoint_dir is not None and dist.is_main:
-            optimizer_state = {"optimizer": optimizer.state_dict()}
-            if scaler.is_enabled():
-                optimizer_state["scaler"] = scaler.state_dict()
             state = {"config": config.to_dict(), "history": history, "skipped": skipped, "train_time": train_time,
                      "step": step, "stopped": stop,
                      "best": {"epoch": best_epoch, "value": best_value, "loss": best_loss, "stale": stale}}
-            ckpt.save_training_checkpoint(checkpoint_dir, epoch, model, optimizer_state, state,
+            ckpt.save_training_checkpoint(checkpoint_dir, epoch, model, ckpt.optimizer_state(optimizer, scaler), state,
                                           ema.module if ema is not None else None,
                                           {"snapshots": ckpt.snapshots_to_tensors(snapshots)})
         if stop:

@@ -420,16 +420,13 @@ def train_two_stage(
         state, optimizer_state, extra = ckpt.load_training_checkpoint(
             latest, model, ema.module if ema is not None else None
         )
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        if "scaler" in optimizer_state:
-            scaler.load_state_dict(optimizer_state["scaler"])
+        ckpt.restore_optimizer(optimizer_state, optimizer, scaler)
         history, best = state["history"], state["best"]
         snapshots = ckpt.snapshots_from_tensors(extra.get("snapshots", {}))
         start_epoch = state["epoch"] + 1
         best_path = checkpoint_dir / "best" / "model.safetensors"
-        if best["epoch"] > 0 and best_path.is_file():
-            best_model = ckpt.load_weights(copy.deepcopy(model), best_path)
-            best_state = {k: v.detach().clone() for k, v in best_model.state_dict().items()}
+        if best["epoch"] > 0:
+            best_state = ckpt.load_best_state(checkpoint_dir, model)
     elif snapshot_bags and config.snapshot_every > 0:
         snapshots[0] = attention_of(model, snapshot_bags, device)
 
@@ -504,11 +501,8 @@ def train_two_stage(
         if config.log_every and epoch % config.log_every == 0:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if checkpoint_dir is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
-            optimizer_state = {"optimizer": optimizer.state_dict()}
-            if use_amp:
-                optimizer_state["scaler"] = scaler.state_dict()
             ckpt.save_training_checkpoint(
-                checkpoint_dir, epoch, model, optimizer_state, {"history": history, "best": best},
+                checkpoint_dir, epoch, model, ckpt.optimizer_state(optimizer, scaler), {"history": history, "best": best},
                 ema.module if ema is not None else None, {"snapshots": ckpt.snapshots_to_tensors(snapshots)},
             )
     bar.close()
