@@ -426,16 +426,13 @@ def run_two_stage(
 def slide_thumbnail(data: Any, slide: Any, max_size: int = 512) -> tuple[np.ndarray, float, np.ndarray | None]:
     """(thumbnail uint8 ``[h, w, 3]``, level-0 px per thumbnail px, tumour mask bool or None) of a slide of
     ``data`` (a :class:`DetectionData`, or a synthetic cohort), for :func:`milstudy.plots.attention_heatmap`."""
-    from PIL import Image
-
     from milstudy.data.slides import open_slide
+    from milstudy.data.synthetic import read_tumour_mask
 
     row = data.manifest.set_index("slide_id").loc[slide.slide_id]
     with open_slide(row["path"]) as handle:
         thumbnail = handle.thumbnail(max_size)
         width0 = handle.level_dimensions[0][0]
     mask_path = row.get("mask_path")
-    mask = None
-    if isinstance(mask_path, str) and mask_path:
-        mask = np.asarray(Image.open(mask_path)) >= 2  # milstudy label maps: >= 2 is tumour
+    mask = read_tumour_mask(mask_path) if isinstance(mask_path, str) and mask_path else None
     return thumbnail, width0 / thumbnail.shape[1], mask

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from milstudy.data.synthetic.cohort import TUMOUR_LABEL
+
 __all__ = ["EXCLUSION_GROUPS", "Region", "rasterize_regions", "read_asap_xml", "write_annotation_mask"]
 
 EXCLUSION_GROUPS = ("_2", "Exclusion", "exclusion", "Normal", "normal")
-TUMOUR_LABEL = 2  # milstudy label maps: 0 background, 1 tissue, >= 2 tumour
 _AREA_TYPES = ("polygon", "spline", "rectangle", "pointset")  # "dot" and "measurement" have no area
 
 
@@ -100,19 +101,18 @@ def rasterize_regions(
 
 
 def write_annotation_mask(
-    xml_path: str | os.PathLike,
+    xml_path: str | os.PathLike | None,
     dimensions: tuple[int, int],
     out_path: str | os.PathLike,
     downsample: float = 32.0,
     exclusion_groups: tuple[str, ...] = EXCLUSION_GROUPS,
 ) -> tuple[Path, int]:
-    """Rasterise ``xml_path`` for a slide of level-0 ``dimensions`` and write a 0 / 2 label-map PNG atomically.
-
-    Returns (path, number of tumour mask pixels).
-    """
+    """Rasterise ``xml_path`` (None: no annotation, an empty mask) for a slide of level-0 ``dimensions`` and write
+    a 0 / ``TUMOUR_LABEL`` label-map PNG atomically. Returns (path, number of tumour mask pixels)."""
     from PIL import Image
 
-    mask = rasterize_regions(read_asap_xml(xml_path), dimensions, downsample, exclusion_groups)
+    regions = read_asap_xml(xml_path) if xml_path is not None else []
+    mask = rasterize_regions(regions, dimensions, downsample, exclusion_groups)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")

@@ -122,9 +122,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_masks(args: argparse.Namespace) -> int:
-    import numpy as np
     import pandas as pd
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from milstudy.data.annotations import TUMOUR_LABEL, write_annotation_mask
@@ -148,11 +146,9 @@ def _cmd_masks(args: argparse.Namespace) -> int:
                 target = None
             else:
                 dimensions = open_slide(row["path"], mpp=args.slide_mpp).dimensions
-                if xml.is_file():
-                    target, record["tumour_px"] = write_annotation_mask(xml, dimensions, target, args.downsample)
-                else:
-                    shape = (int(np.ceil(dimensions[1] / args.downsample)), int(np.ceil(dimensions[0] / args.downsample)))
-                    Image.fromarray(np.zeros(shape, np.uint8)).save(target, format="PNG")
+                source = xml if xml.is_file() else None
+                target, record["tumour_px"] = write_annotation_mask(source, dimensions, target, args.downsample)
+                if source is None:
                     record["message"] = "no annotation: empty mask"
                 if xml.is_file() and record["tumour_px"] == 0:
                     record["status"], record["message"] = "empty", f"{xml.name} has no tumour area inside the slide"

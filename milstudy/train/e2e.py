@@ -751,8 +751,8 @@ def train_e2e(
             state = {"config": config.to_dict(), "history": history, "skipped": skipped, "train_time": train_time,
                      "step": step, "stopped": stop,
                      "best": {"epoch": best_epoch, "value": best_value, "loss": best_loss, "stale": stale}}
-            ckpt.save_training_checkpoint(checkpoint_dir, epoch, model, ckpt.optimizer_state(optimizer, scaler), state,
-                                          ema.module if ema is not None else None,
+            ckpt.save_training_checkpoint(checkpoint_dir, epoch, model, ckpt.optimizer_state(optimizer, scaler),
+                                          state, ema.module if ema is not None else None,
                                           {"snapshots": ckpt.snapshots_to_tensors(snapshots)})
         if stop:
             break

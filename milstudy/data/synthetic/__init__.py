@@ -7,6 +7,7 @@ loads cohorts (pyramidal TIFFs + masks + manifest). See :mod:`milstudy.data.synt
 from milstudy.data.synthetic.cohort import (
     PROFILES,
     TASKS,
+    TUMOUR_LABEL,
     Cohort,
     SyntheticCohortConfig,
     build_cohort,
@@ -14,6 +15,7 @@ from milstudy.data.synthetic.cohort import (
     cohort_for_profile,
     instance_labels,
     load_cohort,
+    read_tumour_mask,
 )
 from milstudy.data.synthetic.renderer import ARCHITECTURES, FocusSpec, render_slide
 
@@ -21,6 +23,7 @@ __all__ = [
     "ARCHITECTURES",
     "PROFILES",
     "TASKS",
+    "TUMOUR_LABEL",
     "Cohort",
     "FocusSpec",
     "SyntheticCohortConfig",
@@ -29,5 +32,6 @@ __all__ = [
     "cohort_for_profile",
     "instance_labels",
     "load_cohort",
+    "read_tumour_mask",
     "render_slide",
 ]

@@ -132,7 +132,7 @@ class Cohort:
 
     def mask(self, row: pd.Series | int | str) -> np.ndarray:
         """bool ``[h, w]`` tumour mask at ``mask_downsample`` level-0 px per pixel."""
-        return self.label_map(row) >= 2
+        return self.label_map(row) >= TUMOUR_LABEL
 
     def _row(self, row: pd.Series | int | str) -> pd.Series:
         if isinstance(row, pd.Series):
@@ -150,12 +150,21 @@ class Cohort:
 # -------------------------------------------------------------------------------------------------------------
 
 
+TUMOUR_LABEL = 2  # label maps (synthetic cohorts and `milstudy data masks`): 0 background, 1 tissue, >= 2 tumour
+
+
 def _read_label_map(path: Path) -> np.ndarray:
     from PIL import Image
 
     if not path.exists():
-        raise FileNotFoundError(f"{path}: ground-truth mask not found; rebuild the cohort")
+        raise FileNotFoundError(
+            f"{path}: ground-truth mask not found; rebuild the cohort or rerun `milstudy data masks`")
     return np.asarray(Image.open(path))
+
+
+def read_tumour_mask(path: str | os.PathLike) -> np.ndarray:
+    """bool tumour mask of a label-map PNG (value >= ``TUMOUR_LABEL``)."""
+    return _read_label_map(Path(path)) >= TUMOUR_LABEL
 
 
 def instance_labels(
@@ -179,7 +188,7 @@ def instance_labels(
             mask_downsample = float(mask["mask_downsample"])
         mask = mask["mask_path"]
     if isinstance(mask, (str, os.PathLike)):
-        array = _read_label_map(Path(mask)) >= 2
+        array = read_tumour_mask(mask)
     else:
         array = np.asarray(mask)
         if array.dtype != bool:
