@@ -92,7 +92,7 @@ def collapse_grid(
         if w not in data_for:
             data_for[w] = phase_splits(w, cohort)
         data = data_for[w]
-        n_tumour = int(max(1, round(cohort.n_patches * w)))
+        n_tumour = int(next(sl.instance_labels.sum() for sl in data["train"] if sl.target))  # as toy_slides drew it
         config = replace(configs[name], sampler="random", s=int(s), seed=int(seed))
         start = time.perf_counter()
         result = train_e2e(data, ClassificationTask(2), config)
