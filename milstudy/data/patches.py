@@ -60,8 +60,9 @@ class PatchDataset:
 
     ``image`` is ``transform(uint8 [p, p, 3])`` if a transform is given, else a uint8 tensor ``[3, p, p]``:
     workers and the host-to-device copy move a quarter of the bytes of float32, and the consumer converts on its
-    device (``PatchEncoder`` accepts uint8 and divides by 255 itself). The slide is opened lazily in each process (pickling drops the handle). ``ok`` is False for a region
-    OpenSlide could not decode (the image is then zeros); use :func:`collate_patches` to drop those.
+    device (``PatchEncoder`` accepts uint8 and divides by 255 itself). The slide is opened lazily in each process
+    (pickling drops the handle). ``ok`` is False for a region OpenSlide could not decode (the image is then
+    zeros); use :func:`collate_patches` to drop those.
     """
 
     def __init__(self, slide_path: str | os.PathLike | Slide, grid: PatchGrid, transform=None, mpp: float | None = None):

@@ -1107,10 +1107,23 @@ def table7_configs(base: E2EConfig, ablations: Sequence[str] = ("ffn", "dim", "h
     return grid
 
 
-def available_aggregators(wanted: Mapping[str, str]) -> dict[str, str]:
-    """``{label: model name}`` restricted to names registered in the zoo (missing ones are reported, not fatal)."""
+# The E2 aggregators by the names the paper's tables use (notebooks 11 and 14).
+AGGREGATOR_NAMES = {"ABMIL": "abmil", "DSMIL": "dsmil", "TransMIL": "transmil", "QAMIL": "qamil", "ViTMIL": "vitmil",
+                    "ABMILX": "abmilx", "Mean pooling": "mean_pooling"}
+
+
+def available_aggregators(wanted: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
+    """``{label: model name}`` restricted to names registered in the zoo (missing ones are reported, not fatal).
+
+    ``wanted``: ``{label: model name}``, or labels of ``AGGREGATOR_NAMES`` (an unknown label is an error).
+    """
     from milstudy.models import list_models
 
+    if not isinstance(wanted, Mapping):
+        unknown = [label for label in wanted if label not in AGGREGATOR_NAMES]
+        if unknown:
+            raise ValueError(f"unknown aggregator label(s) {unknown}; known: {list(AGGREGATOR_NAMES)}")
+        wanted = {label: AGGREGATOR_NAMES[label] for label in wanted}
     known = set(list_models())
     missing = [f"{label} ({name})" for label, name in wanted.items() if name not in known]
     if missing:

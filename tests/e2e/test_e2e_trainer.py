@@ -253,3 +253,12 @@ def test_upstream_survival_fold_keeps_its_test_cases_and_carves_validation_from_
         assert 0.10 < val_cases / train_cases < 0.15
     with pytest.raises(ValueError, match="no column 'fold_7'"):
         _assign_splits(manifest, {"fold": 7}, seed=0)
+
+
+def test_available_aggregators_by_label():
+    from milstudy.train.e2e import available_aggregators
+
+    assert available_aggregators(["ABMIL", "ViTMIL"]) == {"ABMIL": "abmil", "ViTMIL": "vitmil"}
+    assert available_aggregators({"X": "no_such_model", "ABMIL": "abmil"}) == {"ABMIL": "abmil"}
+    with pytest.raises(ValueError, match="unknown aggregator label"):
+        available_aggregators(["ABMIL", "RRTMIL"])
