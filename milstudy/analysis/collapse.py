@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from milstudy.analysis.risk import mass_on_tumour
 from milstudy.analysis.sampling_noise import p_no_witness_without_replacement
 
 __all__ = ["PhaseCohort", "collapse_grid", "phase_splits", "summarize_collapse"]
@@ -54,12 +55,8 @@ def phase_splits(witness_rate: float, cohort: PhaseCohort) -> dict[str, list]:
 
 def _witness_mass(attention: Mapping[str, np.ndarray], slides: Sequence) -> float:
     """Mean over positive slides of the head-mean attention mass on tumour patches (NaN without attention)."""
-    masses = []
-    for slide in slides:
-        if slide.instance_labels is None or not slide.instance_labels.any() or slide.slide_id not in attention:
-            continue
-        weights = np.asarray(attention[slide.slide_id], np.float64).reshape(-1, slide.n_main).mean(0)
-        masses.append(float(weights[slide.instance_labels.astype(bool)].sum() / max(weights.sum(), 1e-12)))
+    masses = [mass_on_tumour(attention[slide.slide_id], slide.instance_labels) for slide in slides
+              if slide.instance_labels is not None and slide.instance_labels.any() and slide.slide_id in attention]
     return float(np.mean(masses)) if masses else float("nan")
 
 

@@ -47,6 +47,12 @@ def head_correlation(attention: Any) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def mass_on_tumour(attention: Any, instance_labels: Any) -> float:
+    """Σ_{i∈D} ā_i: the head-mean attention ``[N]`` / ``[heads, N]`` that falls on tumour instances (labels 1)."""
+    a = as_head_attention(attention)
+    return float(a.mean(axis=0)[as_instance_labels(instance_labels, a.shape[1])].sum())
+
+
 def optimization_risk(attention: Any, instance_labels: Any) -> dict[str, float]:
     """All App. A risk measures of one positive slide.
 
@@ -71,7 +77,7 @@ def optimization_risk(attention: Any, instance_labels: Any) -> dict[str, float]:
         "n_risk": a.shape[1] * risk,
         "risk_mh": multi_head_risk(a, noise),
         "risk_max_head": float(a[:, noise].max()),
-        "mass_on_tumour": float(mean[tumour].sum()),
+        "mass_on_tumour": mass_on_tumour(a, tumour),
         "top1_is_noise": bool(noise[int(np.argmax(mean))]),
         "head_correlation": head_correlation(a),
     }
