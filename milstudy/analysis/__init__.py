@@ -6,7 +6,6 @@
 - ``localization``: instance AUROC and top-k precision of attention against patch labels.
 - ``embedding``: UMAP of instance features, silhouette and kNN purity.
 - ``sampling_noise``: P(no tumour patch among s sampled), closed form vs measured.
-- ``collapse``: the E2E collapse phase diagram (test AUC and share of seeds at chance over witness rate x s).
+- ``collapse``: summary of the E2E collapse phase diagram (the runs are ``milstudy.papers.abmilx_collapse``).
 - ``tracking``: per-epoch attention snapshots of fixed slides and the tidy tables built from them.
-- ``abmilx_study``: data, tracked runs, summaries, the paper's reference numbers and claims for notebooks 10 and 13.
 """

@@ -5,115 +5,26 @@ that: the witness rate w of positive slides (share of tumour patches) and s, the
 slide and training step (random sampling). A positive slide whose s-sample holds no tumour patch is a mislabelled
 bag for that step, with probability P0(N, T, s) of :mod:`milstudy.analysis.sampling_noise`; at evaluation every
 patch is seen, so a large N also dilutes dense pooling. The grid trains each aggregator over w x s x seeds on an
-in-memory cohort with instance ground truth (:func:`milstudy.train.e2e.toy_slides`: grey-noise patches, witnesses
+in-memory cohort with instance ground truth (:func:`milstudy.data.e2e_slides.toy_slides`: grey-noise patches, witnesses
 tinted red with a tunable ``contrast``) and records the test AUC, whether it is at chance, and where the attention
 went (mass on tumour patches of the positive test slides).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-
 import numpy as np
 import pandas as pd
 
-from milstudy.analysis.risk import mass_on_tumour
-from milstudy.analysis.sampling_noise import p_no_witness_without_replacement
-
-__all__ = ["PhaseCohort", "collapse_grid", "phase_splits", "summarize_collapse"]
-
-
-@dataclass(frozen=True)
-class PhaseCohort:
-    """The toy cohort of one witness rate: ``n_slides`` (half positive) of ``n_patches`` patches of
-    ``patch_size`` px; ``contrast`` of the red witness tint (1 = saturated red); ``fractions`` of train / val /
-    test slides (consecutive, so every split keeps the label balance); ``seed`` fixes the data, not training."""
-
-    n_slides: int = 48
-    n_patches: int = 256
-    patch_size: int = 16
-    contrast: float = 0.25
-    fractions: tuple[float, float, float] = (0.5, 0.17, 0.33)
-    seed: int = 0
-
-
-def phase_splits(witness_rate: float, cohort: PhaseCohort) -> dict[str, list]:
-    """Train / val / test lists of ``E2ESlide`` for one witness rate."""
-    from milstudy.train.e2e import toy_slides
-
-    slides = toy_slides(cohort.n_slides, n_patches=cohort.n_patches, size=cohort.patch_size, seed=cohort.seed,
-                        witness_rate=witness_rate, contrast=cohort.contrast)
-    n_train = 2 * max(1, int(round(cohort.fractions[0] * cohort.n_slides / 2)))
-    n_val = 2 * max(1, int(round(cohort.fractions[1] * cohort.n_slides / 2)))
-    if n_train + n_val + 2 > cohort.n_slides:
-        raise ValueError(f"PhaseCohort: {cohort.n_slides} slides leave no test slides after {n_train} train and "
-                         f"{n_val} validation slides; use more slides")
-    return {"train": slides[:n_train], "val": slides[n_train:n_train + n_val], "test": slides[n_train + n_val:]}
-
-
-def _witness_mass(attention: Mapping[str, np.ndarray], slides: Sequence) -> float:
-    """Mean over positive slides of the head-mean attention mass on tumour patches (NaN without attention)."""
-    masses = [mass_on_tumour(attention[slide.slide_id], slide.instance_labels) for slide in slides
-              if slide.instance_labels is not None and slide.instance_labels.any() and slide.slide_id in attention]
-    return float(np.mean(masses)) if masses else float("nan")
-
-
-def collapse_grid(
-    configs: Mapping[str, "E2EConfig"],  # noqa: F821 (milstudy.train.e2e.E2EConfig, imported lazily)
-    witness_rates: Sequence[float],
-    s_values: Sequence[int],
-    seeds: Sequence[int],
-    cohort: PhaseCohort = PhaseCohort(),
-    chance_auc: float = 0.6,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Train every named config over witness rate x s x seed with random (single-scale) sampling.
-
-    One row per run: ``aggregator``, ``witness_rate``, ``n_tumour`` (per positive slide), ``s``, ``seed``,
-    ``test_auc``, ``val_auc``, ``best_epoch``, ``collapsed`` (test AUC < ``chance_auc``), ``witness_mass``
-    (attention on tumour patches of positive test slides; uniform attention gives n_tumour / n_patches),
-    ``p_no_witness`` (P0 for one positive slide and step) and ``wall_time_s``. Selection is on validation only.
-    """
-    from tqdm.auto import tqdm
-
-    from milstudy.train.e2e import train_e2e
-    from milstudy.train.tasks import ClassificationTask
-
-    if not 0.5 <= chance_auc <= 1.0:
-        raise ValueError(f"chance_auc must be in [0.5, 1], got {chance_auc}")
-    jobs = [(w, s, name, seed) for w in witness_rates for s in s_values for name in configs for seed in seeds]
-    rows, data_for = [], {}
-    for w, s, name, seed in tqdm(jobs, desc="collapse grid", disable=not progress):
-        if w not in data_for:
-            data_for[w] = phase_splits(w, cohort)
-        data = data_for[w]
-        n_tumour = int(next(sl.instance_labels.sum() for sl in data["train"] if sl.target))  # as toy_slides drew it
-        config = replace(configs[name], sampler="random", s=int(s), seed=int(seed))
-        start = time.perf_counter()
-        result = train_e2e(data, ClassificationTask(2), config)
-        auc = float(result.test_metrics["auc"])
-        rows.append({
-            "aggregator": name, "witness_rate": float(w), "n_tumour": n_tumour, "s": int(s), "seed": int(seed),
-            "test_auc": auc, "val_auc": float(result.val_metrics.get("auc", np.nan)),
-            "best_epoch": result.best_epoch, "collapsed": bool(auc < chance_auc),
-            "witness_mass": _witness_mass(result.attention, data["test"]),
-            "p_no_witness": p_no_witness_without_replacement(cohort.n_patches, n_tumour, int(s)),
-            "wall_time_s": time.perf_counter() - start,
-        })
-    return pd.DataFrame(rows)
-
 
 def summarize_collapse(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (aggregator, witness_rate, s): test AUC mean and std over seeds, the fraction of seeds at chance,
+    """Per (aggregator, witness_rate, s): test AUC mean and sample sd (ddof=1) over seeds, the fraction of seeds at chance,
     mean attention mass on tumour patches, P0, and the number of seeds."""
     keys = ["aggregator", "witness_rate", "s"]
     grouped = frame.groupby(keys, sort=False)
     out = grouped.agg(
         n_tumour=("n_tumour", "first"),
         test_auc_mean=("test_auc", "mean"),
-        test_auc_std=("test_auc", lambda v: float(np.std(v, ddof=0))),
+        test_auc_std=("test_auc", lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0),
         collapsed_fraction=("collapsed", "mean"),
         witness_mass=("witness_mass", "mean"),
         p_no_witness=("p_no_witness", "first"),

@@ -71,12 +71,12 @@ def uniform_sampler(replace: bool = False) -> Sampler:
 
 
 def mris_main_scale_sampler(ratio: float) -> Sampler:
-    """The main-scale part of MRIS (``milstudy.data.sampling.sample_multiscale``): s - floor(s/r) patches.
+    """The main-scale part of MRIS (``milstudy.data.instance_sampling.sample_multiscale``): s - floor(s/r) patches.
 
     Low-scale patches (2x field of view) are ignored here, so the measured P0 is an upper bound on MRIS label noise
     (a low-scale patch may show a lesion that no sampled main-scale patch covers).
     """
-    from milstudy.data.sampling import sample_multiscale
+    from milstudy.data.instance_sampling import sample_multiscale
 
     def sample(n_instances: int, s: int, rng: np.random.Generator, n_draws: int) -> np.ndarray:
         n_low = 0 if np.isinf(ratio) else max(1, n_instances // 4)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from milstudy.train.metrics import bootstrap_ci, summarize
 from milstudy.train.tasks import ClassificationTask, Task
-from milstudy.train.trainer import TrainConfig, seed_everything, train_two_stage
+from milstudy.train.two_stage import TrainConfig, seed_everything, train_two_stage
 
 Preprocess = Callable[[list, list], tuple[list, list]]
 

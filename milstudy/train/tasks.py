@@ -330,3 +330,19 @@ class SurvivalTask(Task):
         if name != "c_index":
             raise KeyError(f"unknown metric {name!r} for survival; known: ['c_index']")
         return M.c_index(frame["time"].to_numpy(), frame["event"].to_numpy(), frame["risk"].to_numpy())
+
+
+def build_task(spec: Mapping[str, Any] | None, targets: Sequence[Any]) -> Task:
+    """A task from a config mapping ``{type: classification|grading|survival, classes: [...], n_bins: 4}``."""
+    spec = dict(spec or {})
+    kind = spec.pop("type", "classification")
+    if kind == "classification":
+        classes = spec.pop("classes", None) or sorted({t for t in targets})
+        return ClassificationTask(classes, **spec)
+    if kind == "grading":
+        return GradingTask(**spec)
+    if kind == "survival":
+        return SurvivalTask(**spec)
+    raise ValueError(f"task type must be classification, grading or survival, got {kind!r}")
+
+

@@ -60,7 +60,7 @@ def test_bad_input():
 
 def test_mris_main_scale_matches_the_hypergeometric_of_its_main_quota():
     from milstudy.analysis.sampling_noise import mris_main_scale_sampler
-    from milstudy.data.sampling import mris_quota
+    from milstudy.data.instance_sampling import mris_quota
 
     y = np.zeros(120, dtype=int)
     y[:3] = 1

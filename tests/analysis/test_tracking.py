@@ -7,7 +7,8 @@ import torch
 from milstudy.analysis.tracking import AttentionTracker, track_two_stage
 from milstudy.data.bags import Bag
 from milstudy.models import build_model
-from milstudy.train.e2e import E2EConfig, toy_slides, train_e2e
+from milstudy.data.e2e_slides import toy_slides
+from milstudy.train.e2e import E2EConfig, train_e2e
 from milstudy.train.tasks import ClassificationTask
 
 
@@ -19,19 +20,19 @@ def test_tracker_records_every_epoch_and_lambda_matches_the_model():
                        ratio=float("inf"), batch_slides=2, device="cpu", snapshot_slides=[positives[0].slide_id])
     result = train_e2e({"train": slides}, ClassificationTask([0, 1]), config, callbacks=[tracker], keep_model=True)
     rec = tracker.records
-    assert sorted(rec.slides["epoch"].unique()) == [0, 1]
+    assert sorted(rec.slides["epoch"].unique()) == [1, 2]  # epochs are 1-based
     assert {"sparsity", "risk", "risk_mh", "mass_on_tumour", "instance_auroc", "run", "seed"} <= set(rec.slides)
     assert (rec.slides["risk_mh"] <= rec.slides["risk_max_head"] + 1e-12).all()
     # Λ rows: one per (epoch, slide, head); α read from the model; Eq. 17: â_i' Λ = the model's refined attention
     assert len(rec.modulation) == 2 * 2 * 4
     alpha = float(result.model.aggregator.alpha.detach())
     assert rec.modulation["alpha"].iloc[-1] == pytest.approx(alpha)
-    last = rec.modulation[rec.modulation["epoch"] == 1]
+    last = rec.modulation[rec.modulation["epoch"] == 2]
     for _, row in last.iterrows():
-        attention = rec.attention[1][row["slide_id"]]
+        attention = rec.attention[2][row["slide_id"]]
         assert row["attn_after"] == pytest.approx(float(attention[row["head"], row["noise_index"]]), rel=1e-4)
     # the trainer's own snapshot agrees with the tracker's attention
-    np.testing.assert_allclose(result.attention_snapshots[1][positives[0].slide_id], rec.attention[1][positives[0].slide_id],
+    np.testing.assert_allclose(result.attention_snapshots[2][positives[0].slide_id], rec.attention[2][positives[0].slide_id],
                                atol=1e-6)
 
 

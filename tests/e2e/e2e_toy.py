@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from milstudy.models.base import MILOutput, _REGISTRY, register_model
-from milstudy.train.e2e import toy_slides
+from milstudy.data.e2e_slides import toy_slides
 
 TOY_MODEL = "e2e_test_attention_pool"
 
@@ -28,4 +28,4 @@ if TOY_MODEL not in _REGISTRY:
     register_model(TOY_MODEL)(lambda in_dim, n_out, **kw: _AttentionPool(in_dim, n_out))
 
 
-make_toy_slides = toy_slides  # the library's hand-built in-memory cohort (milstudy.train.e2e.toy_slides)
+make_toy_slides = toy_slides  # the library's hand-built in-memory cohort (milstudy.data.e2e_slides.toy_slides)

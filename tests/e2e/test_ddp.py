@@ -37,7 +37,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path):
         torch.set_num_threads(1)
         sys.path.insert(0, {str(tests_dir)!r})
         import e2e_toy  # noqa: F401  registers e2e_test_attention_pool
-        from milstudy.train.e2e import main
+        from milstudy.train.e2e_cli import main
         raise SystemExit(main(["--config", {str(config_path)!r}]))
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

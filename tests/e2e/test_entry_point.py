@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import e2e_toy  # noqa: F401  registers e2e_test_attention_pool
-from milstudy.train.e2e import main
+from milstudy.train.e2e_cli import main
 
 
 def test_preset_without_slide_root_is_refused(monkeypatch, capsys):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from milstudy.data.sampling import (
+from milstudy.data.instance_sampling import (
     mris_quota,
     region_cells,
     sample_multiscale,

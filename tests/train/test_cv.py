@@ -9,7 +9,7 @@ import pytest
 
 from milstudy.train.cv import aggregate_runs, cross_validate, kfold_splits
 from milstudy.train.tasks import ClassificationTask
-from milstudy.train.trainer import TrainConfig
+from milstudy.train.two_stage import TrainConfig
 
 from .test_trainer import ToyAttentionMIL, toy_bags
 

@@ -10,9 +10,9 @@ import torch
 
 from milstudy.data.bags import Bag, BagListDataset
 from milstudy.models import build_model
-from milstudy.train import trainer as trainer_module
+from milstudy.train import two_stage as trainer_module
 from milstudy.train.tasks import ClassificationTask, SurvivalTask
-from milstudy.train.trainer import TrainConfig, seed_everything, train_two_stage
+from milstudy.train.two_stage import TrainConfig, seed_everything, train_two_stage
 
 
 def _bags(n: int, seed: int, survival: bool) -> BagListDataset:

@@ -12,9 +12,10 @@ from torch import nn
 from milstudy.data.bags import Bag, BagListDataset
 from milstudy.models.base import MILOutput
 from milstudy.train.checkpoint import latest_checkpoint
-from milstudy.train.sampling import oversample_indices
+from milstudy.train.oversampling import oversample_indices
 from milstudy.train.tasks import ClassificationTask, SurvivalTask
-from milstudy.train.trainer import EMA, TrainConfig, cosine_schedule, seed_everything, train_two_stage
+from milstudy.train.loop import EMA, cosine_schedule
+from milstudy.train.two_stage import TrainConfig, seed_everything, train_two_stage
 
 DIM = 4
 
@@ -85,7 +86,7 @@ FAST = TrainConfig(epochs=6, lr=1e-2, warmup_epochs=1, quiet=True)
 
 
 def strip_time(history):
-    return history.drop(columns="time").to_dict("records")
+    return history.drop(columns=["time", "train_time"]).to_dict("records")
 
 
 def test_learns_toy_mil_problem(splits):
@@ -120,7 +121,7 @@ def test_same_seed_same_metrics(splits):
 
 
 def test_resume_after_crash_equals_uninterrupted_run(splits, tmp_path):
-    config = dataclasses.replace(FAST, epochs=4, attention_snapshot_slides=("tr0", "va1"), ema_decay=0.9)
+    config = dataclasses.replace(FAST, epochs=4, snapshot_slides=("tr0", "va1"), ema_decay=0.9)
     full_model, full = run(splits, dataclasses.replace(config, checkpoint_dir=tmp_path / "full"))
 
     crash_dir = tmp_path / "crashed"

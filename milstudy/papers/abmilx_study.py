@@ -1,12 +1,12 @@
-"""Plumbing of the ABMILX study notebooks 10 (E1 sparsity vs performance, E6 optimisation risk) and 13 (E5 E2E vs
-two-stage, E7 feature geometry, E8 attention maps): data with instance ground truth, tracked runs over seeds,
-mean ± std summaries, the paper's reference numbers and claims checked in code (spec abmilx §4.3).
+"""Study runs of the ABMILX notebooks 10 (E1 sparsity vs performance, E6 optimisation risk) and 13 (E5 E2E vs
+two-stage, E7 feature geometry, E8 attention maps) (specs/abmilx.md §4.3): data with instance ground truth, tracked
+E2E runs over seeds, per-seed summaries, and the two-stage arms.
 
 - ``load_detection_slides``: the CAMELYON-like synthetic detection cohort as ``E2ESlide`` per split, with patch
   labels (``instance_labels``) attached; optionally a stratified subset of slides for the CPU time budget.
 - ``run_tracked_e2e``: ``train_e2e`` for every (config, seed) with an ``AttentionTracker`` on a few fixed slides
   (per-epoch curves) and a final analysis of every test slide (sparsity, risk, Λ, localization).
-- ``summarize_runs`` / ``e1_table`` / ``e1_claims``: mean ± std over seeds beside the paper's Sec. 3.3 table.
+- ``summarize_runs``: mean ± sd over seeds per run; the paper's tables and claims are in ``milstudy.papers.abmilx``.
 - ``build_strong_encoder``, ``encode_bags``, ``run_two_stage``: the two-stage arms of notebook 13.
 """
 
@@ -23,33 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from milstudy.analysis.modulation import lambda_share
 from milstudy.analysis.tracking import AttentionTracker, EpochRecords
-
-# Sec. 3.3 table of the paper (spec §4.3 E1): sparsity on CAMELYON (%), BRCA subtyping AUC, BRCA survival C-index.
-PAPER_E1 = pd.DataFrame(
-    [("ABMIL", 80, 89.23, 62.70), ("TransMIL", 13, 91.44, 63.42), ("MHLA", 61, 91.58, 63.80),
-     ("MHLA&A+ (α=1)", 29, 92.84, 65.49), ("MHLA&A+ (learnable α)", 36, 93.97, 67.78)],
-    columns=["model", "paper_sparsity", "paper_sub_auc", "paper_surv_cindex"],
-)
-
-# Table 6 of the paper, CAMELYON column (AUC, %), spec §4.3 E5.
-PAPER_E5_CAMELYON = pd.DataFrame(
-    [("E2E R18 + ABMILX", 95.88), ("E2E R50 + ABMILX", 96.06), ("UNI (FM) + ABMIL, two-stage", 96.58),
-     ("ImageNet R50 + ABMIL, two-stage", 91.84)],
-    columns=["setting", "paper_camelyon_auc"],
-)
-
-
-def e1_aggregators(width: int = 64, heads: int = 4) -> dict[str, tuple[str, dict]]:
-    """The five E1 aggregators as ``{label: (registry name, kwargs)}`` at a common width (CPU: 64, 4 heads)."""
-    return {
-        "ABMIL": ("abmil", {"hidden_dim": width, "attention_dim": max(16, width // 2)}),
-        "TransMIL": ("transmil", {"dim": width, "heads": heads, "landmarks": max(8, width // 2)}),
-        "MHLA": ("mhla", {"dim": width, "heads": heads}),
-        "MHLA&A+ (α=1)": ("abmilx_alpha1", {"dim": width, "heads": heads}),
-        "MHLA&A+ (learnable α)": ("abmilx", {"dim": width, "heads": heads}),
-    }
+from milstudy.papers.abmilx import PAPER_E1, PAPER_E5_CAMELYON, e1_aggregators, e1_claims, e1_table  # noqa: F401 (notebook API)
+from milstudy.papers.grids import mean_std
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -119,7 +95,8 @@ def load_detection_slides(
     OpenSlide when needed instead of caching every slide's patches (real cohorts at 20x).
     """
     from milstudy.data.synthetic import cohort_for_profile, instance_labels
-    from milstudy.train.e2e import build_task, slides_from_manifest, split_slides
+    from milstudy.data.e2e_slides import slides_from_manifest, split_slides
+    from milstudy.train.tasks import build_task
 
     cohort = None
     if manifest is not None:
@@ -227,21 +204,6 @@ def _alpha(model: torch.nn.Module) -> float:
     return model_alpha(model)
 
 
-# ---------------------------------------------------------------------------------------------------- summaries
-def mean_std(frame: pd.DataFrame, by: str | Sequence[str], columns: Sequence[str], digits: int = 3) -> pd.DataFrame:
-    """Per group: ``<col>`` as "mean ± std" (std over rows, ddof=0) plus numeric ``<col>_mean`` / ``<col>_std``."""
-    by = [by] if isinstance(by, str) else list(by)
-    columns = [c for c in columns if c in frame]
-    grouped = frame.groupby(by, sort=False)[columns]
-    mean, std = grouped.mean(), grouped.std(ddof=0).fillna(0.0)
-    out = pd.DataFrame(index=mean.index)
-    for col in columns:
-        out[col] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean[col], std[col])]
-        out[f"{col}_mean"], out[f"{col}_std"] = mean[col], std[col]
-    out["n"] = grouped.size()
-    return out.reset_index()
-
-
 def per_seed_slide_means(final: pd.DataFrame) -> pd.DataFrame:
     """Average the per-test-slide analysis within each (run, seed): sparsity over all slides and positives only,
     risk / localization over positives. One row per (run, seed)."""
@@ -268,60 +230,6 @@ def summarize_runs(study: StudyRuns, metric: str = "test_auc") -> pd.DataFrame:
     return mean_std(merged, "run", columns)
 
 
-def e1_table(summary: pd.DataFrame, metric: str = "test_auc") -> pd.DataFrame:
-    """Our sparsity and detection AUC (mean ± std over seeds) beside the paper's Sec. 3.3 table."""
-    ours = summary[["run", "sparsity_all", "sparsity_pos", metric, "gini", "normalized_entropy", "instance_auroc"]]
-    ours = ours.rename(columns={"run": "model", "sparsity_all": "our_sparsity_all", "sparsity_pos": "our_sparsity_pos",
-                                metric: f"our_{metric}"})
-    return PAPER_E1.merge(ours, on="model", how="right")
-
-
-def _claim(claim: str, paper: str, ours: str, holds: bool | None) -> dict[str, Any]:
-    return {"claim": claim, "paper": paper, "ours": ours,
-            "verdict": "n/a" if holds is None else ("holds" if holds else "does not hold")}
-
-
-def e1_claims(summary: pd.DataFrame, final_modulation: pd.DataFrame | None = None,
-              metric: str = "test_auc") -> pd.DataFrame:
-    """The paper's E1/E6 statements, each checked on our means (verdict "holds" / "does not hold" / "n/a")."""
-    s = summary.set_index("run")
-
-    def get(run: str, column: str) -> float:
-        return float(s.loc[run, f"{column}_mean"]) if run in s.index and f"{column}_mean" in s else float("nan")
-
-    x, mhla, abmil, trans = "MHLA&A+ (learnable α)", "MHLA", "ABMIL", "TransMIL"
-    rows = []
-
-    def compare(claim, paper, run_a, run_b, column, larger=True):
-        a, b = get(run_a, column), get(run_b, column)
-        ok = None if np.isnan(a) or np.isnan(b) else bool(a > b if larger else a < b)
-        rows.append(_claim(claim, paper, f"{a:.3g} vs {b:.3g}", ok))
-
-    compare("ABMIL is sparser than ABMILX (learnable α)", "80 vs 36", abmil, x, "sparsity_all")
-    compare("ABMIL is sparser than MHLA", "80 vs 61", abmil, mhla, "sparsity_all")
-    compare("A+ lowers the sparsity of MHLA (α=1)", "29 vs 61", "MHLA&A+ (α=1)", mhla, "sparsity_all", larger=False)
-    others = [get(r, "sparsity_all") for r in s.index if r != trans]
-    t = get(trans, "sparsity_all")
-    rows.append(_claim("TransMIL is the least sparse of the five", "13 (lowest)",
-                       f"{t:.3g} vs min of others {np.nanmin(others) if others else float('nan'):.3g}",
-                       None if np.isnan(t) or not others else bool(t < np.nanmin(others))))
-    compare("ABMILX (learnable α) beats ABMIL", "93.97 vs 89.23 (BRCA-sub AUC)", x, abmil, metric)
-    compare("ABMILX (learnable α) beats MHLA", "93.97 vs 91.58", x, mhla, metric)
-    compare("ABMILX (learnable α) beats TransMIL", "93.97 vs 91.44", x, trans, metric)
-    compare("R_MH(MHLA) < R(ABMIL) (Eq. 10, multi-head lowers risk)", "claimed (App. A)", mhla, abmil, "risk_mh",
-            larger=False)
-    compare("A+ lowers the risk: R(ABMILX) < R(MHLA) (Eq. 15)", "claimed (App. A)", x, mhla, "risk", larger=False)
-    compare("ABMILX puts more mass on tumour than ABMIL", "implied (Sec. 3.3)", x, abmil, "mass_on_tumour")
-    if final_modulation is not None and not final_modulation.empty:
-        share = lambda_share(final_modulation[final_modulation["run"] == x]) if "run" in final_modulation else None
-        if share is not None and len(share):
-            row = share[share["alpha_sign"] == "all"].iloc[0]
-            rows.append(_claim("Λ ≤ 1 for most (slide, head) pairs (Eqs. 17-29)", "claimed when within-class U dominates",
-                               f"{row['share_lambda_le_1']:.2f} of {int(row['pairs'])} pairs",
-                               bool(row["share_lambda_le_1"] > 0.5)))
-    return pd.DataFrame(rows)
-
-
 # ------------------------------------------------------------------------------------------- two-stage (nb 13)
 def build_strong_encoder(
     profile: str,
@@ -337,7 +245,7 @@ def build_strong_encoder(
     from milstudy.data.synthetic import cohort_for_profile, instance_labels
     from milstudy.encoders import build_encoder
     from milstudy.paths import cache_root
-    from milstudy.train.e2e import slides_from_manifest
+    from milstudy.data.e2e_slides import slides_from_manifest
     from milstudy.train.patch_pretrain import pretrain_on_patch_labels, save_encoder
 
     overrides: dict[str, Any] = {"positive_fraction": 1.0, "witness_rate_range": (0.05, 0.3)}
@@ -404,7 +312,7 @@ def run_two_stage(
     from milstudy.analysis.tracking import track_two_stage
     from milstudy.data.bags import BagListDataset
     from milstudy.models import build_model
-    from milstudy.train.trainer import seed_everything, train_two_stage
+    from milstudy.train.two_stage import seed_everything, train_two_stage
 
     rows, finals, models = [], [], {}
     in_dim = int(bags["train"][0].features.shape[1])

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from milstudy.analysis.collapse import PhaseCohort, _witness_mass, collapse_grid, phase_splits, summarize_collapse
+from milstudy.analysis.collapse import summarize_collapse
+from milstudy.papers.abmilx_collapse import PhaseCohort, _witness_mass, collapse_grid, phase_splits
 from milstudy.analysis.sampling_noise import p_no_witness_without_replacement
 from milstudy.plots import phase_diagram
-from milstudy.train.e2e import E2EConfig, toy_slides
+from milstudy.data.e2e_slides import toy_slides
+from milstudy.train.e2e import E2EConfig
 
 
 def test_toy_contrast_blends_the_witness_tint():
@@ -86,7 +88,7 @@ def test_summary_and_phase_diagram():
     })
     summary = summarize_collapse(frame)
     a = summary[(summary["aggregator"] == "A") & (summary["witness_rate"] == 0.1)].iloc[0]
-    assert a["test_auc_mean"] == pytest.approx(0.7) and a["test_auc_std"] == pytest.approx(0.2)
+    assert a["test_auc_mean"] == pytest.approx(0.7) and a["test_auc_std"] == pytest.approx(0.2828427, abs=1e-6)  # sample sd (ddof=1)
     assert a["collapsed_fraction"] == 0.5 and a["seeds"] == 2
     fig = phase_diagram(summary)
     assert len(fig.axes) == 3  # two panels and the colour bar

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from milstudy.analysis.abmilx_study import (
+from milstudy.papers.abmilx_study import (
     PAPER_E1,
     e1_claims,
     e1_table,
@@ -14,7 +14,7 @@ from milstudy.analysis.abmilx_study import (
     pick_tracked_slides,
     stratified_subset,
 )
-from milstudy.train.e2e import toy_slides
+from milstudy.data.e2e_slides import toy_slides
 
 
 def test_stratified_subset_keeps_every_split_label_group():
@@ -26,10 +26,10 @@ def test_stratified_subset_keeps_every_split_label_group():
     assert stratified_subset(manifest, None).equals(manifest)
 
 
-def test_mean_std_formats_population_std():
+def test_mean_std_formats_sample_sd_ddof1():
     frame = pd.DataFrame({"run": ["a", "a", "b"], "auc": [0.5, 0.7, 0.9]})
     out = mean_std(frame, "run", ["auc"]).set_index("run")
-    assert out.loc["a", "auc"] == "0.600 ± 0.100" and out.loc["b", "auc_std"] == 0.0 and out.loc["a", "n"] == 2
+    assert out.loc["a", "auc"] == "0.600 ± 0.141" and out.loc["b", "auc_std"] == 0.0 and out.loc["a", "n"] == 2
 
 
 def _summary(values):
@@ -68,7 +68,7 @@ def test_pick_tracked_slides_takes_positive_median_witness_slides():
 def test_detection_slides_from_a_manifest_match_the_cohort(tmp_path):
     """A real-cohort manifest (relative paths under a slide root, masks as written by `data masks`) gives the same
     slides, splits and patch labels as the synthetic cohort it describes."""
-    from milstudy.analysis.abmilx_study import load_detection_slides, slide_thumbnail
+    from milstudy.papers.abmilx_study import load_detection_slides, slide_thumbnail
     from milstudy.data.synthetic import cohort_for_profile
 
     cohort = cohort_for_profile("smoke", task="detection")

@@ -15,8 +15,9 @@ All samplers return *indices* into a slide's patch grid(s) and are deterministic
 Repeat rule for small slides (spec §2.2, "pad by random repetition"): a slide with fewer patches than ``s`` gives
 all its patches; if ``pad_to`` is set (the E2E trainer sets it to ``s`` whenever a batch holds several slides, so the
 batch is one ``[B * s]`` tensor) the shortfall is filled by drawing *with replacement* from the patches already
-taken, uniformly at random, scale by scale in proportion (drawn from the whole taken set). Repeated patches are
-augmented independently. A slide with no patches at all is an error naming the slide.
+taken, uniformly at random, each scale up to its own quota from its own patches (as upstream pads each scale).
+Repeated patches are augmented independently. ``sample_regional_multiscale`` composes regional sampling of the
+main scale with the MRIS low scale. A slide with no patches at all is an error naming the slide.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def sample_multiscale(n_main: int, n_low: int, s: int, ratio: float, rng: np.ran
                       pad_to: int | None = None, what: str = "slide") -> ScaleSample:
     """MRIS (spec §2.2): independent uniform sampling of ``floor(s/r)`` low-scale and ``s - floor(s/r)`` main patches.
 
-    ``n_main``/``n_low``: numbers of patches available per scale. With ``pad_to`` the total is padded to ``pad_to``
-    by the repeat rule (each scale keeps its share of the repeats in proportion to what it contributed).
+    ``n_main``/``n_low``: numbers of patches available per scale. With ``pad_to`` each scale is padded to its own
+    quota by the repeat rule (as upstream pads each scale separately), so the total reaches ``pad_to``.
     """
     if n_main + n_low <= 0:
         raise ValueError(f"{what} has no patches at any scale; check its tissue mask / tiling")
@@ -87,13 +88,39 @@ def sample_multiscale(n_main: int, n_low: int, s: int, ratio: float, rng: np.ran
                          "set ratio=inf (single scale) or tile the low scale")
     main = _take(n_main, quota_main, rng) if n_main > 0 else np.zeros(0, np.int64)
     low = _take(n_low, quota_low, rng) if quota_low else np.zeros(0, np.int64)
-    total = len(main) + len(low)
-    if pad_to and total < pad_to:
-        # repeats are drawn uniformly from the union of taken patches and routed back to their own scale
-        picks = rng.choice(total, size=pad_to - total, replace=True)
-        from_main = picks[picks < len(main)]
-        from_low = picks[picks >= len(main)] - len(main)
-        main, low = np.concatenate([main, main[from_main]]), np.concatenate([low, low[from_low]])
+    if pad_to:
+        main, low = _pad_per_scale(main, low, pad_to, quota_main, quota_low, rng, what)
+    return ScaleSample(main.astype(np.int64), low.astype(np.int64))
+
+
+def _pad_per_scale(main: np.ndarray, low: np.ndarray, pad_to: int, quota_main: int, quota_low: int,
+                   rng: np.random.Generator, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Repeat rule per scale: each scale to its quota (scaled to ``pad_to``) from its own taken patches; a scale with
+    no patches leaves its share to the other."""
+    want_low = quota_low * pad_to // max(1, quota_main + quota_low) if len(low) else 0
+    want_main = pad_to - want_low if len(main) else 0
+    if not len(main):
+        want_low = pad_to
+    if len(main) < want_main:
+        main = pad_by_repetition(main, want_main, rng, what)
+    if len(low) < want_low:
+        low = pad_by_repetition(low, want_low, rng, what)
+    return main, low
+
+
+def sample_regional_multiscale(coords: np.ndarray, n_low: int, s: int, ratio: float, grid: int,
+                               rng: np.random.Generator, pad_to: int | None = None, what: str = "slide") -> ScaleSample:
+    """Regional sampling of the main scale composed with the MRIS low scale (Table 7f compares the sampling strategy
+    only): the MRIS quotas (``floor(s/r)`` low, the rest main), the main quota by :func:`sample_regional`, the low
+    quota uniformly at random; ``ratio = inf`` is single-scale regional sampling."""
+    quota_main, quota_low = mris_quota(s, ratio)
+    if quota_low and n_low <= 0:
+        raise ValueError(f"{what}: ratio r={ratio} needs low-scale patches but the low-scale grid is empty; "
+                         "set ratio=inf (single scale) or tile the low scale")
+    main = sample_regional(coords, quota_main, grid, rng, None, what)
+    low = _take(n_low, quota_low, rng) if quota_low else np.zeros(0, np.int64)
+    if pad_to:
+        main, low = _pad_per_scale(main, low, pad_to, quota_main, quota_low, rng, what)
     return ScaleSample(main.astype(np.int64), low.astype(np.int64))
 
 
