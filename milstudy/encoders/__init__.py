@@ -12,6 +12,7 @@ Names (see ``list_encoders()``):
 - ``vit_small_patch16``: timm ``vit_small_patch16_224`` (384-d), ``img_size`` configurable, CLS or mean token.
 - ``tiny_cnn`` / ``tiny_cnn_full``: a small ResNet-style CNN for the 2-core CPU profile (4 stages 16/32/64/128,
   BN + ReLU, stride-2 stem); ``tiny_cnn`` drops the last stage ("truncation", 64-d), ``tiny_cnn_full`` keeps it (128-d).
+- ``descriptor_mlp``: an MLP over descriptor vectors ``[K, d]`` (the cheap synthetic tier, no images).
 """
 
 from __future__ import annotations

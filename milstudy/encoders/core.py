@@ -216,4 +216,5 @@ def vit_small_patch16(img_size: int = 224, pool: str = "token") -> PatchEncoder:
 
 
 def _import_all() -> None:
+    import milstudy.encoders.descriptor  # noqa: F401  (registers descriptor_mlp)
     import milstudy.encoders.tiny_cnn  # noqa: F401  (registers tiny_cnn, tiny_cnn_full)

@@ -66,6 +66,7 @@ class E2EConfig(LoopConfig):
     batch_slides: slides per optimisation step (per process under DDP).
     crop_size: encoder input size (None = the stored patch size). rrc_scale_min: c of RandomResizedCrop(scale=(c,1))
         (1.0 = no crop); hflip / vflip: random flips. No colour augmentation (spec §2.3).
+    descriptor_noise: sd of the Gaussian noise added to descriptor "patches" in training (descriptor tier only).
     amp, channels_last: CUDA only. attention_ema_decay: the EMA that scores patches for attention sampling when
         ``ema_decay`` is None. eval_chunk: patches per encoder call at evaluation.
     num_workers: DataLoader workers. patch_cache: train from in-memory patch banks (True) or read from the slides
@@ -87,6 +88,7 @@ class E2EConfig(LoopConfig):
     rrc_scale_min: float = 0.25
     hflip: bool = True
     vflip: bool = True
+    descriptor_noise: float = 0.0
     amp: bool = True
     channels_last: bool = True
     attention_ema_decay: float = 0.99
@@ -196,6 +198,13 @@ def random_resized_crop_flip(
     return images
 
 
+def is_descriptors(patches: torch.Tensor) -> bool:
+    """Whether a slide's "patches" are descriptor vectors ``[n, d]`` (or ``[B, n, d]``, float) rather than uint8
+    images ``[n, p, p, 3]``: the cheap synthetic tier (spec abmilx §4.1 / asmil §4.1 "S-vec") trains a descriptor
+    encoder (an MLP) end to end on them, with no image augmentation."""
+    return patches.dtype.is_floating_point and patches.ndim in (2, 3)
+
+
 def resize_for_eval(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """Test-time resize of ``[K, 3, H, W]`` to ``size`` (upstream stores test patches pre-resized to 224)."""
     if size is None or (images.shape[-1] == size and images.shape[-2] == size):
@@ -263,11 +272,13 @@ def _oom_message(config: E2EConfig, where: str) -> str:
 @torch.no_grad()
 def encode_chunked(encoder: nn.Module, patches: np.ndarray | torch.Tensor, chunk: int, device: torch.device,
                    crop_size: int | None = None, amp: bool = False) -> torch.Tensor:
-    """Encode uint8 ``[N, p, p, 3]`` patches in chunks of ``chunk`` under no-grad -> float32 ``[N, D]`` on device."""
+    """Encode uint8 ``[N, p, p, 3]`` patches (or float descriptors ``[N, d]``, see :func:`is_descriptors`) in chunks
+    of ``chunk`` under no-grad -> float32 ``[N, D]`` on device."""
     out = []
     source = torch.as_tensor(patches)
     for start in range(0, len(source), chunk):
-        images = resize_for_eval(to_float_images(source[start:start + chunk].to(device)), crop_size)
+        block = source[start:start + chunk].to(device)
+        images = block.float() if is_descriptors(block) else resize_for_eval(to_float_images(block), crop_size)
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp and device.type == "cuda"):
             out.append(encoder(images).float())
     return torch.cat(out) if out else torch.zeros(0, getattr(encoder, "out_dim", 0), device=device)
@@ -353,7 +364,6 @@ class E2EStep:
         self.ema_decay = config.ema_decay or (config.attention_ema_decay if config.sampler == "attention" else None)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.train) / self.dist.world_size) / config.batch_slides)
         self.pad_to = config.s if config.batch_slides > 1 else None
-        self.crop = config.crop_size or self.train[0].patch_size
         wanted = set(config.snapshot_slides)
         self.snapshot_pool = [s for s in self.train + self.splits["val"] + self.splits["test"] if s.slide_id in wanted]
         self.skipped: list[str] = []
@@ -393,10 +403,16 @@ class E2EStep:
                 patches, coords = [p for p, _ in picked], [c for _, c in picked]
             n_min = min(len(p) for p in patches)  # only differs with batch_slides > 1 and no padding
             patches = [p[:n_min] for p in patches]
-            stacked = torch.stack(patches).to(self.device, non_blocking=True)  # [B, n, p, p, 3]
+            stacked = torch.stack(patches).to(self.device, non_blocking=True)  # [B, n, p, p, 3] or [B, n, d]
             b, n = stacked.shape[:2]
-            images = random_resized_crop_flip(to_float_images(stacked.flatten(0, 1)), self.crop, cfg.rrc_scale_min,
-                                              cfg.hflip, cfg.vflip, aug_gen).view(b, n, 3, self.crop, self.crop)
+            if is_descriptors(stacked):
+                images = stacked.float()
+                if cfg.descriptor_noise > 0:  # the descriptor tier's augmentation: additive Gaussian noise
+                    images = images + cfg.descriptor_noise * torch.randn(images.shape, generator=aug_gen).to(images)
+            else:
+                crop = cfg.crop_size or self.train[0].patch_size
+                images = random_resized_crop_flip(to_float_images(stacked.flatten(0, 1)), crop, cfg.rrc_scale_min,
+                                                  cfg.hflip, cfg.vflip, aug_gen).view(b, n, 3, crop, crop)
             where = None if any(c is None for c in coords) else torch.stack([c[:n_min] for c in coords]).to(self.device)
             slides = [self.train[item["index"]] for item in good]
             targets = self.task.make_targets([s.target for s in slides], [s.slide_id for s in slides]).to(self.device)
