@@ -91,3 +91,21 @@ def test_uint8_images_equal_float_images_in_unit_range():
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(encoder(images), encoder(images.float() / 255))
+
+
+def test_pinned_timm_vit_blocks_take_an_attention_mask():
+    """E2E-ViT masks padded tokens through timm's ViT blocks: the pinned timm must accept ``attn_mask``."""
+    import inspect
+
+    from timm.models.vision_transformer import Attention, Block
+
+    assert "attn_mask" in inspect.signature(Block.forward).parameters
+    assert "attn_mask" in inspect.signature(Attention.forward).parameters
+    block = Block(dim=16, num_heads=2).eval()
+    x = torch.randn(1, 5, 16)
+    keep = torch.tensor([True, True, True, False, False])
+    mask = torch.zeros(1, 1, 5, 5).masked_fill(~keep.view(1, 1, 1, 5), float("-inf"))
+    with torch.no_grad():
+        masked = block(x, attn_mask=mask)[:, :3]
+        trimmed = block(x[:, :3])
+    torch.testing.assert_close(masked, trimmed, rtol=1e-5, atol=1e-5)

@@ -106,14 +106,29 @@ PAPER_SETTINGS = {
 # not every aggregator saturates at AUC 1), 100 slides (60 / 20 / 20 train / val / test).
 CPU_COHORT = dict(n_slides=100, size_range=(2048, 2048), witness_rate_range=(0.01, 0.3))
 
-# Aggregator sizes for the CPU profiles (spec §5.5, profile S: D = 64, m = 4). TransMIL at its paper width (512,
-# 256 landmarks) costs 10x the rest on 2 cores; the CPU profiles use the same D / m for it.
-CPU_AGGREGATOR_KWARGS = {name: {"dim": 64, "heads": 4} for name in ("abmilx", "transmil", "vitmil", "qamil")}
+# Matched capacity (spec §5.5; the study standard "compare methods at matched capacity"): every aggregator of one
+# comparison gets the same width (and, where it has heads, the same head count): profile S (smoke, cpu) D = 64,
+# m = 4; the paper profile D = 256, m = 8 (the BRCA settings' ABMILX). The width argument differs per model.
+WIDTH_ARGUMENT = {name: "dim" for name in ("abmilx", "mhla", "abmilx_alpha1", "transmil", "vitmil", "qamil")}
+WIDTH_ARGUMENT.update({name: "hidden_dim" for name in ("abmil", "abmil_gated", "abmil_upstream", "mean_pooling",
+                                                       "max_pooling")})
+HEADS_ARGUMENT = {name: "heads" for name in ("abmilx", "mhla", "abmilx_alpha1", "transmil", "vitmil", "qamil")}
+PROFILE_WIDTH = {"smoke": (64, 4), "cpu": (64, 4), "paper": (256, 8)}
 
 
-def aggregator_kwargs(name: str, profile: str) -> dict:
-    """Constructor arguments of zoo model ``name`` for a notebook profile ({} = the model's defaults; paper: {})."""
-    return {} if profile == "paper" else dict(CPU_AGGREGATOR_KWARGS.get(name, {}))
+def aggregator_kwargs(name: str, profile: str, width: int | None = None, heads: int | None = None) -> dict:
+    """Constructor arguments of zoo model ``name`` at the profile's matched width and head count (``width`` /
+    ``heads`` override them); models without a width argument (DSMIL: identity values on the encoder features)
+    get {}."""
+    if profile not in PROFILE_WIDTH:
+        raise ValueError(f"profile must be one of {sorted(PROFILE_WIDTH)}, got {profile!r}")
+    default_width, default_heads = PROFILE_WIDTH[profile]
+    out: dict[str, Any] = {}
+    if name in WIDTH_ARGUMENT:
+        out[WIDTH_ARGUMENT[name]] = int(width or default_width)
+    if name in HEADS_ARGUMENT:
+        out[HEADS_ARGUMENT[name]] = int(heads or default_heads)
+    return out
 
 
 def profile_data(profile: str, task: str = "detection", seed: int = 0, n_slides: int | None = None,
@@ -187,7 +202,8 @@ def table7_configs(base: E2EConfig, ablations: Sequence[str] = ("ffn", "dim", "h
 
 
 # The E2 aggregators by the names the paper's tables use (notebooks 11 and 14).
-AGGREGATOR_NAMES = {"ABMIL": "abmil", "DSMIL": "dsmil", "TransMIL": "transmil", "QAMIL": "qamil", "ViTMIL": "vitmil",
+# ABMIL in its upstream layout (spec §2.5: LN, dropout 0.25, LN before the classifier), as the paper trains it E2E.
+AGGREGATOR_NAMES = {"ABMIL": "abmil_upstream", "DSMIL": "dsmil", "TransMIL": "transmil", "QAMIL": "qamil", "ViTMIL": "vitmil",
                     "ABMILX": "abmilx", "Mean pooling": "mean_pooling"}
 
 

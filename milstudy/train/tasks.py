@@ -333,9 +333,19 @@ class SurvivalTask(Task):
 
 
 def build_task(spec: Mapping[str, Any] | None, targets: Sequence[Any]) -> Task:
-    """A task from a config mapping ``{type: classification|grading|survival, classes: [...], n_bins: 4}``."""
+    """A task from a config mapping ``{type: classification|grading|survival, classes: [...], n_bins: 4}``.
+
+    Survival bin edges: from the training split (``prepare``, the default of every training path), or with
+    ``bin_edges_from: cohort`` over all of ``targets`` (the whole cohort: the upstream ABMILX convention)."""
     spec = dict(spec or {})
     kind = spec.pop("type", "classification")
+    edges_from = spec.pop("bin_edges_from", "train")
+    if edges_from not in ("train", "cohort"):
+        raise ValueError(f"task.bin_edges_from must be 'train' or 'cohort', got {edges_from!r}")
+    if edges_from == "cohort":
+        if kind != "survival":
+            raise ValueError("task.bin_edges_from applies to survival tasks only")
+        return SurvivalTask.from_cohort(targets, **spec)
     if kind == "classification":
         classes = spec.pop("classes", None) or sorted({t for t in targets})
         return ClassificationTask(classes, **spec)

@@ -134,8 +134,13 @@ def test_profile_aggregator_sizes():
     from milstudy.papers.abmilx import aggregator_kwargs
 
     assert aggregator_kwargs("transmil", "cpu") == {"dim": 64, "heads": 4}
-    assert aggregator_kwargs("transmil", "paper") == {}
-    assert aggregator_kwargs("abmil", "smoke") == {}
+    assert aggregator_kwargs("transmil", "paper") == {"dim": 256, "heads": 8}
+    # matched capacity: ABMIL (upstream layout) and mean pooling get ABMILX's width; DSMIL has no width argument
+    assert aggregator_kwargs("abmil_upstream", "smoke") == {"hidden_dim": 64}
+    assert aggregator_kwargs("mean_pooling", "cpu", width=32) == {"hidden_dim": 32}
+    assert aggregator_kwargs("dsmil", "cpu") == {}
+    with pytest.raises(ValueError, match="profile"):
+        aggregator_kwargs("abmilx", "laptop")
 
 
 class _Interrupt(Exception):
@@ -259,7 +264,7 @@ def test_upstream_survival_fold_keeps_its_test_cases_and_carves_validation_from_
 def test_available_aggregators_by_label():
     from milstudy.papers.abmilx import available_aggregators
 
-    assert available_aggregators(["ABMIL", "ViTMIL"]) == {"ABMIL": "abmil", "ViTMIL": "vitmil"}
+    assert available_aggregators(["ABMIL", "ViTMIL"]) == {"ABMIL": "abmil_upstream", "ViTMIL": "vitmil"}
     assert available_aggregators({"X": "no_such_model", "ABMIL": "abmil"}) == {"ABMIL": "abmil"}
     with pytest.raises(ValueError, match="unknown aggregator label"):
         available_aggregators(["ABMIL", "RRTMIL"])
