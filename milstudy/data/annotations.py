@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from milstudy.data.synthetic.cohort import TUMOUR_LABEL
+from milstudy.data.synthetic.ground_truth import TUMOUR_LABEL
 
 __all__ = ["EXCLUSION_GROUPS", "Region", "rasterize_regions", "read_asap_xml", "write_annotation_mask"]
 

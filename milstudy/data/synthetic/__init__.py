@@ -1,6 +1,7 @@
 """Synthetic whole-slide cohorts with instance-level ground truth (the embedded default data of milstudy).
 
-``renderer`` paints H&E-like slides, ``reports`` writes their pathology reports, ``cohort`` builds, caches and
+``renderer`` paints H&E-like slides, ``reports`` writes their pathology reports, ``ground_truth`` reads label maps
+into per-patch tumour labels, ``cohort`` builds, caches and
 loads cohorts (pyramidal TIFFs + masks + manifest). See :mod:`milstudy.data.synthetic.cohort` for the sizes.
 """
 
