@@ -7,8 +7,9 @@ embeds them with ``milstudy.encoders.build_encoder`` (AMP on CUDA) and writes ``
 ``milstudy.data.bags.BagDataset`` reads these and theirs alike), optional ``instance_labels`` / ``tumour_fraction``
 (manifests with ``mask_path``) and attributes (encoder, weight_hash, target_mpp, patch_size, level, n_patches, ...).
 
-Resumable: an existing file is verified (opens, ``features`` has ``n_patches`` rows of the encoder's width, same
-encoder, weight hash, resolution and patch size) and skipped; anything else is redone. Files are written to a
+Resumable: an existing file is verified (opens, ``features`` has ``n_patches`` rows of the encoder's width) and
+skipped only when its recorded ``settings`` (encoder, weight hash, resolution, patch size, min_tissue, precision,
+slide and mask file fingerprints) equal this run's; anything else is redone, saying which setting differed. Files are written to a
 temporary name and renamed, so a killed job never leaves a half-written bag. ``shard="i/n"`` processes manifest rows
 i, i+n, i+2n, ... (array jobs). Slides without tissue get an empty bag (BagDataset skips it) and every slide's
 outcome goes to ``extraction_summary*.csv``.
@@ -17,6 +18,7 @@ outcome goes to ``extraction_summary*.csv``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -48,6 +50,68 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
 def _expected_attrs(encoder, target_mpp: float, patch_size: int) -> dict:
     return {"encoder": encoder.name, "weight_hash": encoder.weight_hash, "target_mpp": float(target_mpp),
             "patch_size": int(patch_size)}
+
+
+def _file_fingerprint(path: str | os.PathLike | None, whole: bool = False) -> str:
+    """sha1 of a file: whole (masks, small) or size + first and last 64 KiB (slides, large); "" if absent."""
+    import hashlib
+
+    if path is None or (isinstance(path, float) and np.isnan(path)) or not str(path):
+        return ""
+    path = Path(str(path))
+    try:
+        size = path.stat().st_size
+        h = hashlib.sha1(str(size).encode())
+        with open(path, "rb") as handle:
+            if whole:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(handle.read(1 << 16))
+                if size > 1 << 16:
+                    handle.seek(max(size - (1 << 16), 1 << 16))
+                    h.update(handle.read())
+    except OSError:
+        return "unreadable"
+    return h.hexdigest()[:16]
+
+
+def slide_settings(row: pd.Series, root: Path | None, expected: dict, min_tissue: float, slide_mpp: float | None,
+                   precision: str) -> dict:
+    """Everything that changes one slide's bag: the resume key (stored as JSON in the bag's ``settings``)."""
+    mask = row.get("mask_path")
+    mask = None if mask is None or pd.isna(mask) or not str(mask) else Path(str(mask))
+    if mask is not None and not mask.is_absolute() and root is not None:
+        mask = root / mask
+    downsample = row.get("mask_downsample")
+    return {**expected, "min_tissue": float(min_tissue), "slide_mpp_override": slide_mpp, "precision": precision,
+            "slide_file": _file_fingerprint(row["path"]), "mask_file": _file_fingerprint(mask, whole=True),
+            "mask_downsample": None if downsample is None or pd.isna(downsample) else float(downsample),
+            "format": 2}
+
+
+def settings_difference(path: Path, settings: dict) -> list[str] | None:
+    """None if the bag at ``path`` was made with ``settings``; else ``["min_tissue 0.5 -> 0.2", ...]``
+    (``["no recorded settings"]`` for bags of older versions or other tools)."""
+    import json
+
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            stored = handle.attrs.get("settings")
+    except OSError:
+        return ["unreadable file"]
+    if stored is None:
+        return ["no recorded settings"]
+    try:
+        stored = json.loads(stored)
+    except (TypeError, ValueError):
+        return ["unreadable settings"]
+    fresh = json.loads(json.dumps(settings))
+    changed = [f"{k} {stored.get(k)!r} -> {fresh.get(k)!r}" for k in sorted(set(stored) | set(fresh))
+               if stored.get(k) != fresh.get(k)]
+    return changed or None
 
 
 def is_complete(path: Path, expected: dict, feature_dim: int) -> bool:
@@ -151,53 +215,81 @@ def extract_features(
     amp: bool = True,
     min_tissue: float = 0.5,
     progress: bool = True,
+    max_unreadable: float = 0.1,
+    slide_mpp: float | None = None,
+    allow_outside_root: bool = False,
 ) -> pd.DataFrame:
     """Extract one feature bag per slide of ``manifest`` into ``out_dir``; returns the per-slide summary.
 
     ``slide_root``: root of relative slide paths (default ``MILSTUDY_SLIDE_ROOT``; for a synthetic cohort pass
-    ``cohort.root``). A manifest column ``mpp`` overrides slides' resolution metadata. Summary statuses:
-    ``done``, ``skipped`` (already complete), ``empty`` (no tissue: an empty bag is written), ``error`` (message).
+    ``cohort.root``). Resolution: the manifest column ``mpp``, else ``slide_mpp``, else the slide's metadata.
+    Summary statuses: ``done``, ``skipped`` (already complete with the same settings), ``empty`` (no tissue: an
+    empty bag is written), ``failed`` (more than ``max_unreadable`` of its patches could not be read: no bag),
+    ``error`` (message).
+
+    Resume is keyed by every setting that changes a bag (encoder, weight hash, resolution, patch size,
+    min_tissue, precision, slide and mask file fingerprints; see :func:`slide_settings`): a bag made with other
+    settings is redone, and the message says which settings differed. Output files are ``<out>/<slide_id>.h5``;
+    a slide_id that would leave ``out_dir`` or collide with another is refused before anything runs.
     """
     import torch
     from tqdm.auto import tqdm
 
     from milstudy.data.manifests import load_manifest, resolve_paths
     from milstudy.data.patches import PatchDataset
-    from milstudy.data.slides import open_slide
+    from milstudy.data.slides import SlideResolutionError, open_slide
     from milstudy.data.tiling import tile_slide
     from milstudy.encoders import build_encoder
     from milstudy.paths import slide_root as env_slide_root
 
-    table = resolve_paths(load_manifest(manifest, require=("slide_id", "path")), slide_root)
+    from milstudy.data.manifests import MPP_HINT, manifest_lines, output_paths, row_mpp
+
+    if not 0.0 <= float(max_unreadable) <= 1.0:
+        raise ValueError(f"--max-unreadable must be a fraction in [0, 1], got {max_unreadable}")
+    source = "manifest" if isinstance(manifest, pd.DataFrame) else str(manifest)
+    loaded = load_manifest(manifest, require=("slide_id", "path"))
+    table = resolve_paths(loaded, slide_root, allow_outside_root=allow_outside_root,
+                          source=None if isinstance(manifest, pd.DataFrame) else source)
     root = env_slide_root(slide_root)
+    out_dir = Path(out_dir)
+    targets = dict(zip(table["slide_id"].astype(str), output_paths(
+        list(table["slide_id"].astype(str)), out_dir, ".h5", source, manifest_lines(table, manifest))))
     parsed = parse_shard(shard)
     if parsed is not None:
         table = table.iloc[parsed[0]::parsed[1]]
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = build_encoder(encoder_name, weights=weights).eval().to(device)
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     expected = _expected_attrs(encoder, target_mpp, patch_size)
+    precision = "fp16-autocast" if amp and device.type == "cuda" else "fp32"
     bar_factory = tqdm if progress else (lambda *a, **k: tqdm(*a, **k, disable=True))
 
     records = []
     slides_bar = bar_factory(table.iterrows(), total=len(table), desc=f"features {encoder.name}", unit="slide")
     for _, row in slides_bar:
         slide_id, start = str(row["slide_id"]), time.perf_counter()
-        target = out_dir / f"{slide_id}.h5"
+        target = targets[slide_id]
         record = {"slide_id": slide_id, "status": "done", "n_patches": 0, "n_failed": 0, "message": ""}
+        mpp = row_mpp(row, slide_mpp)
+        settings = slide_settings(row, root, expected, min_tissue, mpp, precision)
         if target.exists() and is_complete(target, expected, encoder.out_dim):
-            import h5py
+            changed = settings_difference(target, settings)
+            if changed is None:
+                import h5py
 
-            with h5py.File(target, "r") as handle:
-                record.update(status="skipped", n_patches=int(handle.attrs["n_patches"]), message="already complete")
-            records.append({**record, "seconds": 0.0})
-            continue
+                with h5py.File(target, "r") as handle:
+                    record.update(status="skipped", n_patches=int(handle.attrs["n_patches"]),
+                                  message="already complete")
+                records.append({**record, "seconds": 0.0})
+                continue
+            record["message"] = "redone: settings changed (" + "; ".join(changed[:4]) + ")"
         try:
-            slide_mpp = row.get("mpp")
-            slide = open_slide(row["path"], mpp=None if slide_mpp is None or pd.isna(slide_mpp) else float(slide_mpp))
+            try:
+                slide = open_slide(row["path"], mpp=mpp)
+            except SlideResolutionError as err:
+                raise SlideResolutionError(str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)) from None
             grid = tile_slide(slide, target_mpp, patch_size, min_tissue=min_tissue, slide_id=slide_id)
             if grid.is_empty:
                 features, kept, n_failed = np.zeros((0, encoder.out_dim), np.float32), np.zeros(0, np.int64), 0
@@ -206,18 +298,27 @@ def extract_features(
                 features, kept, n_failed = _embed(encoder, PatchDataset(slide, grid), batch_size, num_workers,
                                                   device, amp, bar_factory, slide_id[:24])
             slide.close()
+            if len(grid) and n_failed > max_unreadable * len(grid):
+                raise _TooManyUnreadable(
+                    f"{n_failed} of {len(grid)} patches ({100 * n_failed / len(grid):.0f} %) could not be read, "
+                    f"above --max-unreadable {max_unreadable:g}; the slide file is damaged: re-copy or re-export "
+                    "it (no bag written)")
             coords = grid.coords[kept].astype(np.int64)
             datasets = {"features": features, "coords": coords,
                         **_instance_labels(row, root, coords, grid.size_level0)}
             attrs = {**expected, "n_patches": len(kept), "n_failed": n_failed, "level": grid.level,
                      "read_size": grid.read_size, "size_level0": grid.size_level0, "slide_mpp": slide.mpp,
-                     "min_tissue": float(min_tissue), "slide_id": slide_id, "slide_path": str(row["path"])}
+                     "min_tissue": float(min_tissue), "slide_id": slide_id, "slide_path": str(row["path"]),
+                     "settings": json.dumps(settings, sort_keys=True)}
             _write_bag(target, datasets, attrs)
             record.update(n_patches=len(kept), n_failed=n_failed)
             if n_failed:
-                record["message"] = f"{n_failed} unreadable patch(es) skipped"
-        except Exception as err:  # one bad slide must not end a long job: recorded, reported, exit code 1
-            record.update(status="error", message=f"{type(err).__name__}: {err}")
+                record["message"] = "; ".join(filter(None, [record["message"],
+                                                            f"{n_failed} unreadable patch(es) skipped"]))
+        except _TooManyUnreadable as err:
+            record.update(status="failed", n_failed=n_failed, message=str(err))
+        except Exception as err:  # noqa: BLE001 - one bad slide (or a full disk) must not end a long job
+            record.update(status="error", message=describe_error(err))
         seconds = time.perf_counter() - start
         records.append({**record, "seconds": round(seconds, 3)})
         slides_bar.set_postfix({"patches/s": f"{record['n_patches'] / max(seconds, 1e-9):.0f}",
@@ -230,16 +331,32 @@ def extract_features(
     return summary
 
 
+class _TooManyUnreadable(Exception):
+    """More than ``max_unreadable`` of a slide's patches failed to decode."""
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a per-slide failure; a full disk says so."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full (ENOSPC) while writing: {err.filename or err}; free space and rerun (finished slides are kept)"
+    if isinstance(err, MemoryError):
+        return "out of memory (MemoryError) on this slide; its header may claim an implausible size"
+    return f"{type(err).__name__}: {err}"
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 def _cmd_extract(args: argparse.Namespace) -> int:
     summary = extract_features(
         args.manifest, args.encoder, args.out, slide_root=args.slide_root, weights=args.weights,
         target_mpp=args.mpp, patch_size=args.patch_size, batch_size=args.batch_size, num_workers=args.workers,
         shard=args.shard, device=args.device, amp=not args.no_amp, min_tissue=args.min_tissue,
+        max_unreadable=args.max_unreadable, slide_mpp=args.slide_mpp, allow_outside_root=args.allow_outside_root,
     )
     counts = summary["status"].value_counts().to_dict()
     headline = f"{len(summary)} slides: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {args.out}"
-    return report_slide_statuses(summary, headline, failing=("error",))
+    return report_slide_statuses(summary, headline, failing=("error", "failed"), quiet=("done", "skipped"))
 
 
 def add_commands(subparsers) -> None:
@@ -260,5 +377,11 @@ def add_commands(subparsers) -> None:
     extract.add_argument("--shard", default=None, help="i/n: process manifest rows i, i+n, ... (array jobs)")
     extract.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     extract.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    extract.add_argument("--max-unreadable", type=float, default=0.1,
+                         help="fraction of unreadable patches above which a slide fails (default 0.1)")
+    extract.add_argument("--slide-mpp", type=float, default=None,
+                         help="µm/px of level 0 for slides without metadata (a manifest 'mpp' column wins)")
+    extract.add_argument("--allow-outside-root", action="store_true",
+                         help="accept manifest paths that climb out of --slide-root with '..'")
     extract.set_defaults(func=_cmd_extract)
     features.set_defaults(func=lambda args: (features.print_help(), 2)[1])

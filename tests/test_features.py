@@ -108,6 +108,6 @@ def test_manifest_mask_path_writes_instance_labels(cohort, tmp_path):
     Image.fromarray(label_map).save(tmp_path / "tissue_mask.png")
     rows = manifest.iloc[:1].assign(mask_path=str(tmp_path / "tissue_mask.png"), mask_downsample=4.0)
     extract_features(rows, "tiny_cnn", tmp_path / "bags", slide_root=root, **OPTIONS)
-    bag = BagDataset(rows, tmp_path / "bags")[0]
+    bag = BagDataset(rows, tmp_path / "bags", classes=["IDC", "ILC"])[0]
     expected = (bag.coords[:, 0] < 384).long()  # 64-px patches entirely left of x = 384
     assert torch.equal(bag.instance_labels, expected) and 0 < expected.sum() < len(expected)

@@ -168,11 +168,12 @@ class BagListDataset(Dataset):
         return [bag.slide_id for bag in self.bags]
 
 
-def _class_index(classes: Sequence, value, slide_id: str) -> int:
+def _class_index(classes: Sequence, value, slide_id: str, where: str = "") -> int:
     for i, known in enumerate(classes):
         if value == known or str(value) == str(known):
             return i
-    raise BagError(f"slide '{slide_id}': label {value!r} is not one of the classes {list(classes)}")
+    raise BagError(f"{where}slide '{slide_id}': label {value!r} is not one of the classes {list(classes)}; fix the "
+                   "label or pass classes=[...] that include it")
 
 
 class BagDataset(Dataset):
@@ -202,6 +203,7 @@ class BagDataset(Dataset):
         from milstudy.data.manifests import load_manifest
 
         table = load_manifest(manifest, require=("slide_id",))
+        self._source = None if isinstance(manifest, pd.DataFrame) else str(manifest)
         self.feature_dir = Path(feature_dir)
         if not self.feature_dir.is_dir():
             raise FileNotFoundError(f"feature folder {self.feature_dir} does not exist; run `milstudy features extract`")
@@ -215,7 +217,7 @@ class BagDataset(Dataset):
         elif target is not None:
             if target not in table.columns:
                 raise BagError(f"target column '{target}' is not in the manifest (columns: {list(table.columns)})")
-            self.classes = list(classes) if classes is not None else self._default_classes(table[target])
+            self.classes = list(classes) if classes is not None else self._default_classes(table, target)
         else:
             self.classes = None
 
@@ -237,6 +239,7 @@ class BagDataset(Dataset):
         if self.skipped:
             warnings.warn(f"skipped {len(self.skipped)} slide(s) with empty bags: "
                           f"{[s for s, _ in self.skipped][:5]} (see dataset.skipped)", stacklevel=2)
+        self._table_index = [row.name for row in rows]  # the manifest's own row (file line - 2) of each kept slide
         self.manifest = pd.DataFrame(rows).reset_index(drop=True) if rows else table.iloc[:0]
         self.paths = [paths[sid] for sid in self.manifest["slide_id"]]
         self.n_instances = [n for n, _ in sizes]
@@ -261,13 +264,24 @@ class BagDataset(Dataset):
         self.by_case = by_case
         self._cache = None if lazy else [self._load(i) for i in range(len(self))]
 
-    @staticmethod
-    def _default_classes(values: pd.Series) -> list:
-        present = values.dropna()
-        numeric = pd.to_numeric(present, errors="coerce")
-        if len(present) and numeric.notna().all() and (numeric == numeric.round()).all():
-            return list(range(int(numeric.max()) + 1))
-        return sorted(present.astype(str).unique())
+    def _where(self, index, slide_id) -> str:
+        """``"<file> line N: "`` (header = line 1) or ``"manifest row N: "`` for a DataFrame manifest."""
+        if self._source is not None:
+            return f"{self._source} line {int(index) + 2}: "
+        return f"manifest row {index}: "
+
+    def _default_classes(self, table: pd.DataFrame, column: str) -> list:
+        """Undeclared classes: only integer labels forming exactly 0..C-1 (a typo or gap must not add a class)."""
+        from milstudy.train.tasks import LabelError, infer_classes
+
+        values = [None if pd.isna(v) else v for v in table[column]]
+        numeric = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+        values = [int(n) if not pd.isna(n) and float(n).is_integer() else v for v, n in zip(values, numeric)]
+        where = [f"{self._where(i, sid)}slide '{sid}' column '{column}'" for i, sid in zip(table.index, table["slide_id"])]
+        try:
+            return infer_classes(values, where, min_classes=1)
+        except LabelError as err:
+            raise BagError(str(err)) from None
 
     def _target(self, row: pd.Series):
         if self.target_name is None:
@@ -278,9 +292,10 @@ class BagDataset(Dataset):
                 raise BagError(f"slide '{row['slide_id']}': survival_months or event is empty")
             return torch.tensor([float(time), float(event)], dtype=torch.float32)
         value = row[self.target_name]
+        where = self._where(self._table_index[row.name], row["slide_id"])
         if pd.isna(value):
-            raise BagError(f"slide '{row['slide_id']}': column '{self.target_name}' is empty")
-        return _class_index(self.classes, value, row["slide_id"])
+            raise BagError(f"{where}slide '{row['slide_id']}': column '{self.target_name}' is empty")
+        return _class_index(self.classes, value, row["slide_id"], where)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -374,6 +389,111 @@ def standardize(train_bags: Sequence[Bag], other_bags: Sequence[Bag] = ()) -> tu
         return [replace(bag, features=((bag.features.double() - mean) / std).float()) for bag in bags]
 
     return scale(train_bags), scale(other_bags)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+_VALID_BAGS: dict[tuple, str] = {}  # (resolved path, size, mtime_ns) -> "" (finite) or the problem, this process
+BAG_CHECK_VERSION = 1
+
+
+def _bag_file_problem(path: Path, chunk_rows: int = 65536) -> str:
+    """"" if every feature of ``path`` is finite and the file reads, else a short description."""
+    try:
+        if path.suffix == ".pt":
+            features = _load_pt(path)
+            bad = np.unique(np.nonzero(~np.isfinite(features.astype(np.float32, copy=False)))[0])
+        else:
+            import h5py
+
+            read_feature_shape(path)
+            bad = []
+            with h5py.File(path, "r") as handle:
+                data = handle["features"]
+                data = data if data.ndim == 2 else None
+                if data is None:  # [1, N, D] (TRIDENT): small enough to squeeze in memory
+                    features = _squeeze_leading(np.asarray(handle["features"][()]), 2)
+                    bad = np.unique(np.nonzero(~np.isfinite(features))[0]).tolist()
+                else:
+                    for start in range(0, data.shape[0], chunk_rows):  # bounded memory on 100k-patch bags
+                        block = np.asarray(data[start:start + chunk_rows], dtype=np.float32)
+                        bad.extend((start + np.unique(np.nonzero(~np.isfinite(block))[0])).tolist())
+    except BagError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - unreadable file: a finding about the data
+        return f"not readable ({type(err).__name__}: {err}); re-extract this slide"
+    if len(bad):
+        return (f"{len(bad)} instance(s) have NaN/inf features (first rows {list(bad[:5])}); re-extract the slide "
+                "or drop it from the manifest")
+    return ""
+
+
+def _disk_cache_file(key: tuple) -> Path:
+    import hashlib
+    import json
+
+    from milstudy.paths import cache_root
+
+    digest = hashlib.sha1(json.dumps([BAG_CHECK_VERSION, *key]).encode()).hexdigest()[:24]
+    return cache_root() / "bag_checks" / f"{digest}.ok"
+
+
+def check_bag_file(path: str | os.PathLike, use_cache: bool = True) -> str:
+    """"" if the feature file ``path`` is readable with finite features, else what is wrong (never raises).
+
+    Results are cached per file identity (resolved path, size, mtime): in this process, and for finite files
+    as an empty marker under ``cache_root()/bag_checks/`` so that the next run pays only a ``stat`` per bag.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        return f"not readable ({err})"
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if use_cache and key in _VALID_BAGS:
+        return _VALID_BAGS[key]
+    marker = _disk_cache_file(key)
+    if use_cache and marker.is_file():
+        _VALID_BAGS[key] = ""
+        return ""
+    problem = _bag_file_problem(path)
+    _VALID_BAGS[key] = problem
+    if use_cache and not problem:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # a read-only cache only costs the next run a re-check
+            pass
+    return problem
+
+
+def validate_bags(dataset: Dataset, use_cache: bool = True) -> None:
+    """Check every bag of ``dataset`` before training: readable, finite features (NaN/inf), consistent lengths.
+
+    ``BagDataset``: every slide's feature file is scanned (in chunks, cached per file identity, see
+    :func:`check_bag_file`); other datasets (``BagListDataset``, lists of ``Bag``) are checked in memory. Raises
+    ``BagError`` naming each bad slide and its file (the first five, then a count), so a broken bag stops the run
+    before the first epoch instead of at test time.
+    """
+    problems: list[str] = []
+    if isinstance(dataset, BagDataset):
+        for slide_id, path in zip(dataset.manifest["slide_id"], dataset.paths):
+            problem = check_bag_file(path, use_cache=use_cache)
+            if problem:
+                problems.append(f"slide '{slide_id}' ({path}): {problem}")
+    else:
+        for index in range(len(dataset)):
+            bag = dataset[index]
+            features = torch.as_tensor(bag.features)
+            if features.ndim != 2:
+                problems.append(f"slide '{bag.slide_id}' (in memory): features have shape {tuple(features.shape)}, "
+                                "expected [N, D]")
+            elif not bool(torch.isfinite(features).all()):
+                rows = torch.nonzero(~torch.isfinite(features).all(dim=1)).flatten()
+                problems.append(f"slide '{bag.slide_id}' (in memory): {len(rows)} instance(s) have NaN/inf features "
+                                f"(first rows {rows[:5].tolist()})")
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise BagError(f"{len(problems)} unusable bag(s): " + "; ".join(problems[:5]) + more)
 
 
 # ------------------------------------------------------------------------------------------------ batching

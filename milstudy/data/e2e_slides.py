@@ -308,7 +308,11 @@ def load_data(spec: Mapping[str, Any], seed: int = 0, load_banks: bool = True) -
     out = split_slides(slides, splits)
     if "oversample" in manifest.columns:
         out["train"] = oversample_rows(out["train"], manifest, by_case=bool(spec.get("by_case")))
-    return out, build_task(task_spec, [s.target for s in slides])
+    source = spec.get("manifest", "the cohort manifest")
+    where = {str(sid): f"{source} line {line + 2} (slide {sid})" for line, sid in enumerate(manifest["slide_id"])}
+    if spec.get("by_case"):
+        where.update({str(c): f"{source} (case {c})" for c in manifest["case_id"]})
+    return out, build_task(task_spec, [s.target for s in slides], [where.get(s.slide_id, s.slide_id) for s in slides])
 
 
 def oversample_rows(train: Sequence[E2ESlide], manifest: pd.DataFrame, by_case: bool = False) -> list[E2ESlide]:

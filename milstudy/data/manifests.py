@@ -61,9 +61,17 @@ def _read(path_or_df: str | os.PathLike | pd.DataFrame) -> tuple[pd.DataFrame, s
     path = Path(path_or_df)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    header = pd.read_csv(path, nrows=0).columns
-    text = {c: "string" for c in header if c in TEXT_COLUMNS or FOLD_PATTERN.match(str(c)) or c == "label_3"}
-    df = pd.read_csv(path, dtype=text, keep_default_na=True)
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        text = {c: "string" for c in header if c in TEXT_COLUMNS or FOLD_PATTERN.match(str(c)) or c == "label_3"}
+        df = pd.read_csv(path, dtype=text, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: empty file; a manifest needs a header line (slide_id,path,...) and one row "
+                            "per slide") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        raise ManifestError(f"{path}: not a readable CSV manifest ({str(err).strip()})") from None
+    if df.empty:
+        raise ManifestError(f"{path}: the manifest has a header ({', '.join(map(str, header))}) but no slide rows")
     return df.reset_index(drop=True), str(path), True
 
 
@@ -104,7 +112,7 @@ def load_manifest(
     for col in (["split"] if "split" in df.columns else []) + fold_columns(df):
         _check_split_column(df, col, source, from_file)
     if slide_root is not None:
-        df = resolve_paths(df, slide_root)
+        df = resolve_paths(df, slide_root, source=source if from_file else None)
     return df
 
 
@@ -118,6 +126,15 @@ def _check_numeric(df: pd.DataFrame, source: str, from_file: bool) -> None:
                 f"got {df.loc[bad[0], 'event']!r}"
             )
         df["event"] = values.astype("int64") if values.notna().all() else values.astype("Int64")
+    if "mpp" in df.columns:
+        values = pd.to_numeric(df["mpp"], errors="coerce")
+        bad = df.index[df["mpp"].notna() & ~(values > 0) | df["mpp"].notna() & ~np.isfinite(values.fillna(1))]
+        if len(bad):
+            raise ManifestError(
+                f"{_rows(source, bad, from_file)}: column 'mpp' must be a positive number of µm per level-0 pixel "
+                f"(or empty to use the slide's metadata), got {df.loc[bad[0], 'mpp']!r}"
+            )
+        df["mpp"] = values.astype("float64")
     for col, integer in (("survival_months", False), ("grade", True)):
         if col not in df.columns:
             continue
@@ -154,10 +171,18 @@ def _check_split_column(df: pd.DataFrame, col: str, source: str, from_file: bool
         )
 
 
-def resolve_paths(df: pd.DataFrame, slide_root: str | os.PathLike | None = None) -> pd.DataFrame:
+def resolve_paths(
+    df: pd.DataFrame,
+    slide_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+    source: str | None = None,
+) -> pd.DataFrame:
     """Copy of ``df`` with ``path`` made absolute under ``slide_root`` (default: ``MILSTUDY_SLIDE_ROOT``).
 
-    Absolute paths stay as they are. Raises ``ManifestError`` when a relative path has no root to resolve against.
+    Absolute paths stay as they are (``data check`` lists them). A relative path that climbs out of the root
+    with ``..`` (``../outside/x.tiff``) raises ``ManifestError`` naming the row unless ``allow_outside_root``
+    (``--allow-outside-root``); the check is lexical, so symbolic links inside the root stay fine. Raises
+    ``ManifestError`` when a relative path has no root to resolve against.
     """
     out = df.copy()
     root = _env_slide_root(slide_root)
@@ -168,9 +193,99 @@ def resolve_paths(df: pd.DataFrame, slide_root: str | os.PathLike | None = None)
             f"{int(relative.sum())} slide path(s) are relative (e.g. '{paths[relative].iloc[0]}') but no slide root "
             "was given: pass slide_root / --slide-root or set MILSTUDY_SLIDE_ROOT"
         )
+    if not allow_outside_root:
+        climbing = [i for i in out.index[relative] if _climbs_out(str(paths[i]))]
+        if climbing:
+            where = _rows(source, climbing, True) if source else f"manifest row(s) {climbing[:10]}"
+            raise ManifestError(
+                f"{where}: column 'path' {str(paths[climbing[0]])!r} climbs out of the slide root {root} with '..'; "
+                "fix the path, use an absolute path, or pass --allow-outside-root (allow_outside_root=True) if "
+                "this is intended"
+            )
     out.loc[relative, "path"] = [str(Path(root) / p) for p in paths[relative]]
     out["path"] = out["path"].astype("string")
     return out
+
+
+def _climbs_out(relative: str) -> bool:
+    """True if the relative path ``relative`` leaves its root lexically (``a/../../b``, ``../b``)."""
+    normal = os.path.normpath(relative.replace("\\", "/"))
+    return normal == ".." or normal.startswith("../") or normal.startswith("..\\")
+
+
+def is_outside(path: str | os.PathLike, root: str | os.PathLike | None) -> bool:
+    """True if ``path`` (as written, symbolic links not followed) is not under ``root``."""
+    if root is None:
+        return False
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+        return False
+    except ValueError:
+        return True
+
+
+# --------------------------------------------------------------------------------------- output paths
+class OutputPathError(ManifestError):
+    """A slide_id cannot name a file inside the output folder (traversal, separators, two rows on one file)."""
+
+
+def output_path(out_dir: str | os.PathLike, slide_id: str, suffix: str) -> Path:
+    """``<out_dir>/<slide_id><suffix>``, refused (``OutputPathError``) unless it is a plain file name inside
+    ``out_dir``: no path separators, not ``.``/``..``, no NUL, and the resolved path stays in the folder."""
+    name = str(slide_id)
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip()
+            or os.path.isabs(name)):
+        raise OutputPathError(
+            f"slide_id {name!r} cannot name an output file <slide_id>{suffix}: slide ids must be plain file names "
+            "(no '/', '\\', '..' or surrounding spaces); rename the slide in the manifest"
+        )
+    out = Path(out_dir).resolve()
+    target = out / f"{name}{suffix}"
+    if target.resolve().parent != out:
+        raise OutputPathError(f"slide_id {name!r}: {target} would be written outside the output folder {out}")
+    return target
+
+
+def output_paths(
+    slide_ids: Sequence[str], out_dir: str | os.PathLike, suffix: str, source: str = "manifest",
+    lines: Sequence[int] | None = None,
+) -> list[Path]:
+    """:func:`output_path` of every slide id; also refuses two ids mapping to one file (``A`` / ``a`` on a
+    case-insensitive filesystem). Messages name ``source`` and the row (file line when ``lines`` are given)."""
+    seen: dict[str, int] = {}
+    paths = []
+    for i, slide_id in enumerate(slide_ids):
+        where = f"{source} line {lines[i]}" if lines is not None else f"{source} row {i}"
+        try:
+            path = output_path(out_dir, slide_id, suffix)
+        except OutputPathError as err:
+            raise OutputPathError(f"{where}: {err}") from None
+        key = os.path.normcase(str(path)).casefold()
+        if key in seen:
+            other = f"line {lines[seen[key]]}" if lines is not None else f"row {seen[key]}"
+            raise OutputPathError(
+                f"{where}: slide_id {slide_id!r} maps to the same output file {path.name} as {other} "
+                f"({slide_ids[seen[key]]!r}); slide ids must differ in more than letter case")
+        seen[key] = i
+        paths.append(path)
+    return paths
+
+
+def manifest_lines(df: pd.DataFrame, manifest: object) -> list[int] | None:
+    """File lines (header = 1) of a manifest read from a file, else None."""
+    return None if isinstance(manifest, pd.DataFrame) else [int(i) + 2 for i in df.index]
+
+
+def row_mpp(row: pd.Series, flag: float | None = None) -> float | None:
+    """The one resolution rule of every command: the manifest ``mpp`` column of the row, else the command's
+    ``--slide-mpp`` flag, else None (the slide's own metadata)."""
+    value = row.get("mpp") if hasattr(row, "get") else None
+    if value is not None and not pd.isna(value):
+        return float(value)
+    return None if flag is None else float(flag)
+
+
+MPP_HINT = "set the manifest 'mpp' column for this slide or pass --slide-mpp <µm per level-0 pixel>"
 
 
 # --------------------------------------------------------------------------------------- patient-level splits

@@ -22,6 +22,7 @@ of per-slide numpy arrays``; ``target_columns(targets) -> dict``; ``metrics(pred
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -64,6 +65,38 @@ class Task:
 
 
 # --------------------------------------------------------------------------------------------------- classification
+def _is_blank(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_int_like(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _lookup_class(classes: Sequence[Any], index: Mapping[Any, int], key: Any) -> int | None:
+    """Index of ``key`` among ``classes`` (by value, then by an unambiguous spelling or index); None if none."""
+    if _is_blank(key):
+        return None
+    try:
+        if key in index:
+            return index[key]
+    except TypeError:  # unhashable
+        return None
+    spelled = [i for i, c in enumerate(classes) if str(c) == str(key)]
+    if len(spelled) == 1:
+        return spelled[0]
+    if _is_int_like(key) and not any(_is_int_like(c) for c in classes) and 0 <= int(key) < len(classes):
+        return int(key)
+    return None
+
+
 @dataclass
 class ClassificationTask(Task):
     """Single-label classification with cross-entropy.
@@ -108,13 +141,19 @@ class ClassificationTask(Task):
         return len(self.classes)
 
     def class_index(self, raw: Any, slide_id: str = "?") -> int:
-        key = self._key(raw)
-        if key not in self._index:
+        """Head index of a raw label: a class value (``"IDC"``, ``1``) or, where unambiguous, an index.
+
+        An integer is read as an index into ``classes`` only when no class is itself an integer (a dataset such
+        as ``BagDataset`` has already turned ``"IDC"``/``"ILC"`` into 0/1); a string ``"1"`` matches the class
+        ``1`` only when no other class spells the same. Anything else raises naming the slide and the value.
+        """
+        index = _lookup_class(self.classes, self._index, self._key(raw))
+        if index is None:
             raise ValueError(
                 f"slide {slide_id}: label {raw!r} is not one of the task's classes {self.classes}; "
                 "fix the manifest label or pass classes=[...] that include it"
             )
-        return self._index[key]
+        return index
 
     def make_targets(self, raw_targets: Sequence[Any], slide_ids: Sequence[str] | None = None) -> torch.Tensor:
         """Class indices ``int64[B]`` from raw bag targets (class values from ``classes``)."""
@@ -332,27 +371,112 @@ class SurvivalTask(Task):
         return M.c_index(frame["time"].to_numpy(), frame["event"].to_numpy(), frame["risk"].to_numpy())
 
 
-def build_task(spec: Mapping[str, Any] | None, targets: Sequence[Any]) -> Task:
-    """A task from a config mapping ``{type: classification|grading|survival, classes: [...], n_bins: 4}``.
+# ------------------------------------------------------------------------------------------------ from a config
+class LabelError(ValueError):
+    """A label is outside the task's classes (or missing); the message names the file, line or slide and value."""
+
+
+def _where(source: Any, i: int) -> str:
+    """Where target ``i`` came from, for messages (see :func:`build_task`)."""
+    if source is None:
+        return f"target #{i}"
+    if isinstance(source, (str, os.PathLike)):
+        return f"{source}, target #{i}"
+    try:
+        return str(source[i])
+    except (IndexError, KeyError, TypeError):
+        return f"target #{i}"
+
+
+def _raw_value(target: Any) -> Any:
+    if isinstance(target, torch.Tensor) and target.numel() == 1:
+        target = target.item()
+    if isinstance(target, np.generic):
+        target = target.item()
+    if isinstance(target, float) and float(target).is_integer():
+        target = int(target)
+    return target
+
+
+def infer_classes(targets: Sequence[Any], source: Any = None, what: str = "classes", min_classes: int = 2) -> list[int]:
+    """Classes of undeclared labels: only integer labels forming exactly ``0..C-1`` (C >= ``min_classes``).
+
+    Anything else (a gap such as {0, 1, 4}, strings, a blank) raises ``LabelError`` naming the first suspicious
+    label's location and asking for the classes to be declared, so that a typo never adds a class silently.
+    """
+    values = [_raw_value(t) for t in targets]
+    for i, value in enumerate(values):
+        if _is_blank(value):
+            raise LabelError(f"{_where(source, i)}: label is blank; fill it in or drop the slide")
+    if not values:
+        raise LabelError(f"{source or 'targets'}: no labels to infer the {what} from; declare them")
+    if not all(_is_int_like(v) for v in values):
+        first = next(i for i, v in enumerate(values) if not _is_int_like(v))
+        found = sorted({str(v) for v in values})
+        raise LabelError(
+            f"{_where(source, first)}: label {values[first]!r} is not an integer class index and no {what} were "
+            f"declared (labels found: {found[:12]}); declare them, e.g. task: {{classes: {found[:4]}}} in the run "
+            "file or classes=[...], so that a misspelt label is refused instead of becoming a new class")
+    present = sorted(set(values))
+    expected = list(range(len(present)))
+    if present != expected or len(present) < min_classes:
+        odd = next((v for v in present if v < 0 or v >= max(len(present), min_classes)), present[-1])
+        first = values.index(odd)
+        raise LabelError(
+            f"{_where(source, first)}: label {odd} makes the labels {present} that are not 0..C-1 "
+            f"(C >= {min_classes}) and no "
+            f"{what} were declared; declare them (task: {{classes: [...]}} or n_grades) or fix the label")
+    return expected
+
+
+def check_labels(task: "ClassificationTask", targets: Sequence[Any], source: Any = None) -> None:
+    """Raise ``LabelError`` (file/line or slide, value, the classes) for the first target outside ``task.classes``."""
+    for i, target in enumerate(targets):
+        value = _raw_value(target)
+        if _is_blank(value):
+            raise LabelError(f"{_where(source, i)}: label is blank; the task's classes are {task.classes}")
+        if _lookup_class(task.classes, task._index, task._key(value)) is None:
+            raise LabelError(
+                f"{_where(source, i)}: label {value!r} is not one of the task's classes {task.classes}; fix the "
+                "label or declare the classes that include it")
+
+
+def build_task(spec: Mapping[str, Any] | None, targets: Sequence[Any], source: Any = None) -> Task:
+    """A task from a config mapping ``{type: classification|grading|survival, classes: [...], n_grades: 6,
+    n_bins: 4, ...}``, with every target checked against it before anything trains.
+
+    Classes come from the spec (``classes``, or ``n_grades`` for grading); without them only integer labels that
+    form exactly ``0..C-1`` are accepted (:func:`infer_classes`), so a typo or blank label is an error instead of
+    a 3-class head. ``source`` says where target ``i`` came from, for the messages: a sequence / mapping of
+    location strings (e.g. ``"cohort.csv line 7 (slide s5)"``), a file name, or None. Raises ``LabelError``.
 
     Survival bin edges: from the training split (``prepare``, the default of every training path), or with
-    ``bin_edges_from: cohort`` over all of ``targets`` (the whole cohort: the upstream ABMILX convention)."""
+    ``bin_edges_from: cohort`` over all of ``targets`` (the whole cohort: the upstream ABMILX convention).
+    """
     spec = dict(spec or {})
     kind = spec.pop("type", "classification")
     edges_from = spec.pop("bin_edges_from", "train")
     if edges_from not in ("train", "cohort"):
         raise ValueError(f"task.bin_edges_from must be 'train' or 'cohort', got {edges_from!r}")
-    if edges_from == "cohort":
-        if kind != "survival":
-            raise ValueError("task.bin_edges_from applies to survival tasks only")
-        return SurvivalTask.from_cohort(targets, **spec)
-    if kind == "classification":
-        classes = spec.pop("classes", None) or sorted({t for t in targets})
-        return ClassificationTask(classes, **spec)
-    if kind == "grading":
-        return GradingTask(**spec)
+    if edges_from == "cohort" and kind != "survival":
+        raise ValueError("task.bin_edges_from applies to survival tasks only")
+    if kind in ("classification", "grading"):
+        cls = ClassificationTask if kind == "classification" else GradingTask
+        declared = spec.get("classes")
+        if declared is None and not (kind == "grading" and spec.get("n_grades") is not None):
+            spec["classes"] = infer_classes(targets, source, "grades" if kind == "grading" else "classes")
+        try:
+            task = cls(**spec)
+        except TypeError as err:
+            raise ValueError(f"task: {err}") from None
+        check_labels(task, targets, source)
+        return task
     if kind == "survival":
-        return SurvivalTask(**spec)
+        task = SurvivalTask(**spec)
+        for i, target in enumerate(targets):
+            try:
+                _time_event(target, _where(source, i))
+            except ValueError as err:
+                raise LabelError(str(err).removeprefix("slide ")) from None
+        return SurvivalTask.from_cohort(targets, **spec) if edges_from == "cohort" else task
     raise ValueError(f"task type must be classification, grading or survival, got {kind!r}")
-
-

@@ -5,7 +5,7 @@ the one loop (``milstudy.train.loop.fit``: optimizer, schedule, EMA, validation-
 checkpoints and exact resume). The step:
 
 - fits the task on the training targets (survival bins, class weights) and checks the labels of every split and
-  every bag's features (finite, non-empty) before training;
+  every bag's features (finite, non-empty; ``milstudy.data.bags.validate_bags``) before training;
 - visits the training bags each epoch (optionally class-balanced oversampled, ``oversampling.py``) in an order drawn
   from a generator seeded by ``(seed, epoch)``; batch 1 feeds variable-size bags as they are, batch > 1 pads and
   masks them (``milstudy.data.bags.collate_bags``);
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from milstudy.data.bags import validate_bags
 from milstudy.train.loop import (EvalResult, FitResult, LoopConfig, LoopState, StepLoss, fit, resolve_device,
                                  seed_everything, task_loss)
 from milstudy.train.oversampling import oversample_indices
@@ -208,6 +209,9 @@ class BagStep:
             raise TypeError(f"train_two_stage(model, task, train_ds, val_ds, test_ds, config): task is {type(task)}")
         self.config, self.device = config, resolve_device(config.device)
         self.datasets = {"train": train_ds, "val": val_ds, "test": test_ds}
+        for dataset in self.datasets.values():  # NaN/inf or malformed bags stop the run now, not at test time
+            if dataset is not None:
+                validate_bags(dataset)
         train_ids, train_raw = bag_targets(train_ds)
         self.task = task.prepare(train_raw, train_ids)
         for dataset in (val_ds, test_ds):

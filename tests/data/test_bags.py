@@ -40,14 +40,14 @@ def test_clam_and_trident_layouts_load(tmp_path):
     trident = rng.normal(size=(1, 3, 8)).astype(np.float32)
     _h5(tmp_path / "clam.h5", clam, np.arange(10).reshape(5, 2))
     _h5(tmp_path / "trident.h5", trident, np.arange(6).reshape(1, 3, 2), instance_labels=[0, 1, 0])
-    ds = BagDataset(_manifest(["clam", "trident"], ["ILC", "IDC"]), tmp_path)
+    ds = BagDataset(_manifest(["clam", "trident"], ["ILC", "IDC"]), tmp_path, classes=["IDC", "ILC"])
     assert ds.classes == ["IDC", "ILC"] and ds.targets == [1, 0] and ds.n_instances == [5, 3]
     bag = ds[0]
     assert bag.features.dtype == torch.float32 and torch.equal(bag.features, torch.from_numpy(clam))
     assert bag.coords.dtype == torch.int64 and bag.coords.shape == (5, 2) and bag.instance_labels is None
     bag = ds[1]
     assert bag.features.shape == (3, 8) and bag.coords.shape == (3, 2) and bag.instance_labels.tolist() == [0, 1, 0]
-    eager = BagDataset(_manifest(["clam", "trident"], ["ILC", "IDC"]), tmp_path, lazy=False)
+    eager = BagDataset(_manifest(["clam", "trident"], ["ILC", "IDC"]), tmp_path, classes=["IDC", "ILC"], lazy=False)
     assert torch.equal(eager[1].features, ds[1].features)
 
 
@@ -65,8 +65,10 @@ def test_integer_labels_are_class_indices_and_instance_label_dir(tmp_path):
     labels = tmp_path / "gt"
     labels.mkdir()
     np.save(labels / "a.npy", np.array([1, 0]))
-    ds = BagDataset(_manifest(["a"], [4]), tmp_path, instance_label_dir=labels)
+    ds = BagDataset(_manifest(["a"], [4]), tmp_path, classes=range(5), instance_label_dir=labels)
     assert ds.classes == [0, 1, 2, 3, 4] and ds.targets == [4]
+    _h5(tmp_path / "b.h5", np.zeros((2, 3), np.float32))
+    assert BagDataset(_manifest(["a", "b"], [1, 0]), tmp_path).classes == [0, 1]  # 0..C-1: inferred
     assert ds[0].instance_labels.tolist() == [1, 0]
 
 
@@ -76,15 +78,15 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     _h5(tmp_path / "ok.h5", np.zeros((2, 2), np.float32))
     _h5(tmp_path / "empty.h5", np.zeros((0, 2), np.float32), np.zeros((0, 2)))
     with pytest.raises(BagError, match=r"slide 'nan' .*NaN/inf"):
-        BagDataset(_manifest(["nan"], ["A"]), tmp_path)[0]
+        BagDataset(_manifest(["nan"], ["A"]), tmp_path, classes=["A", "B"])[0]
     with pytest.raises(BagError, match=r"nofeat.h5: no 'features' dataset \(keys: \['coords', 'embeddings'\]\)"):
-        BagDataset(_manifest(["nofeat"], ["A"]), tmp_path)
+        BagDataset(_manifest(["nofeat"], ["A"]), tmp_path, classes=["A"])
     with pytest.raises(BagError, match=r"slide 'ok': label 'C' is not one of the classes \['A', 'B'\]"):
         BagDataset(_manifest(["ok"], ["C"]), tmp_path, classes=["A", "B"])
     with pytest.raises(FileNotFoundError, match=r"1 of 2 slides have no feature file .*\['gone'\]"):
-        BagDataset(_manifest(["ok", "gone"], ["A", "A"]), tmp_path)
+        BagDataset(_manifest(["ok", "gone"], ["A", "A"]), tmp_path, classes=["A", "B"])
     with pytest.warns(UserWarning, match="empty bags"):
-        ds = BagDataset(_manifest(["ok", "empty"], ["A", "B"]), tmp_path)
+        ds = BagDataset(_manifest(["ok", "empty"], ["A", "B"]), tmp_path, classes=["A", "B"])
     assert len(ds) == 1 and ds.skipped == [("empty", "empty bag (0 instances)")] and ds.slide_ids == ["ok"]
 
 

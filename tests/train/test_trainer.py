@@ -219,3 +219,14 @@ def test_cosine_schedule_and_ema():
         model.weight.add_(2.0)
     ema.update(model)
     torch.testing.assert_close(ema.module.weight, before + 1.0)
+
+
+def test_non_finite_bag_stops_before_the_first_epoch(splits):
+    """A NaN bag in any split is an error naming the slide before training starts, not after every epoch ran."""
+    bad = list(splits[2])
+    features = bad[3].features.clone()
+    features[1, 0] = float("nan")
+    bad[3] = dataclasses.replace(bad[3], features=features)
+    model = ToyAttentionMIL()
+    with pytest.raises(Exception, match="te3.*NaN"):
+        train_two_stage(model, ClassificationTask(2), splits[0], splits[1], BagListDataset(bad), FAST)
