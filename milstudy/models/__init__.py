@@ -6,7 +6,26 @@ transformer_mil (ViTMIL, QAMIL of the ABMILX paper's Table 5).
 Models whose auxiliary losses need the bag label have ``needs_targets = True`` and accept ``targets=``.
 """
 
-from milstudy.models.base import MILModel, MILOutput, build_model, list_models, register_model, register_preset
+from milstudy.models.base import (
+    MILModel,
+    MILOutput,
+    build_model,
+    combined_loss,
+    list_models,
+    register_model,
+    register_preset,
+)
+from milstudy.models.layers import PAD_LOGIT, masked_softmax
 from milstudy.models import abmil, abmilx, clam, dsmil, pooling, transformer_mil, transmil  # noqa: F401,E402  (registration)
 
-__all__ = ["MILModel", "MILOutput", "build_model", "list_models", "register_model", "register_preset"]
+__all__ = [
+    "PAD_LOGIT",
+    "MILModel",
+    "MILOutput",
+    "build_model",
+    "combined_loss",
+    "list_models",
+    "masked_softmax",
+    "register_model",
+    "register_preset",
+]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from milstudy.models.base import MILModel, MILOutput, register_model, register_preset
-from milstudy.models.layers import check_bag_input, masked_softmax
+from milstudy.models.layers import check_bag_input, masked_softmax, pad_attention_logits
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -44,7 +44,8 @@ class AttentionScorer(nn.Module):
 class ABMIL(MILModel):
     """ABMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention ``[B,1,N]``.
 
-    extras: ``attention_logits`` ``[B,1,N]`` (0 on padding), ``bag_embedding`` ``[B,L]``.
+    ``attention_logits`` ``[B,1,N]``: the scores of Eq. 8 / 9 before the softmax (``PAD_LOGIT`` on padding).
+    extras: ``bag_embedding`` ``[B,L]``.
     """
 
     def __init__(
@@ -79,11 +80,11 @@ class ABMIL(MILModel):
         """x ``[B,N,D]`` -> MILOutput (coords unused)."""
         mask = check_bag_input(x, self.in_dim, mask, "ABMIL")
         h = self.embed(x)  # [B,N,L]
-        scores = self.scorer(h).masked_fill(~mask, 0.0).unsqueeze(1)  # [B,1,N]
+        scores = pad_attention_logits(self.scorer(h).unsqueeze(1), mask)  # [B,1,N]
         weights = masked_softmax(scores, mask)  # [B,1,N]
         bag = torch.einsum("bhn,bnl->bl", weights, h)  # Eq. 7: [B,L]
         logits = self.classifier(self.out_norm(bag))
-        return MILOutput(logits, weights, extras={"attention_logits": scores, "bag_embedding": bag})
+        return MILOutput(logits, weights, attention_logits=scores, extras={"bag_embedding": bag})
 
 
 @register_model("abmil")

@@ -25,16 +25,22 @@ import torch
 from torch import nn
 
 from milstudy.models.base import MILModel, MILOutput, register_model, register_preset
-from milstudy.models.layers import check_bag_input, masked_softmax, softmax_attention_times_vector
+from milstudy.models.layers import (
+    check_bag_input,
+    masked_softmax,
+    pad_attention_logits,
+    softmax_attention_times_vector,
+)
 
 
 class ABMILX(MILModel):
     """ABMILX aggregator; ``forward(x [B,N,D_in], coords=None, mask=None) -> MILOutput``.
 
-    ``attention`` is ``[B, m, N]`` (one distribution per head, not averaged). ``extras``: ``attention_logits``
-    G(A) ``[B,m,N]``, ``local_logits`` A ``[B,m,N]``, ``attn_plus_delta`` αUA ``[B,m,N]`` (zeros with A+ off),
-    ``alpha`` (scalar), ``head_embeddings`` Z before W_proj ``[B,m,d]``, ``bag_embedding`` ``[B,D]``.
-    Logits and deltas are 0 on padded positions.
+    ``attention`` is ``[B, m, N]`` (one distribution per head, not averaged); ``attention_logits`` is what its
+    softmax normalises, G(A) = A + αUA ``[B,m,N]`` (Eq. 4, A+ included; ``PAD_LOGIT`` on padding). ``extras``:
+    ``local_logits`` A ``[B,m,N]``, ``attn_plus_delta`` αUA ``[B,m,N]`` (zeros with A+ off), ``alpha``
+    (scalar), ``head_embeddings`` Z before W_proj ``[B,m,d]``, ``bag_embedding`` ``[B,D]``. Local logits and
+    deltas are 0 on padded positions.
     """
 
     def __init__(
@@ -133,19 +139,18 @@ class ABMILX(MILModel):
             alpha = self.alpha.detach()
         else:
             delta, alpha = torch.zeros_like(local), torch.zeros(())
-        attention_logits = local + delta  # G(A), Eq. 4
+        attention_logits = pad_attention_logits(local + delta, mask)  # G(A), Eq. 4
         weights = masked_softmax(attention_logits, mask)  # w: [B,m,N]
         head_embeddings = self.aggregate(weights, hh)  # Z^j: [B,m,d]
         logits, bag = self.classify(head_embeddings)
         extras = {
-            "attention_logits": attention_logits,
             "local_logits": local,
             "attn_plus_delta": delta,
             "alpha": alpha,
             "head_embeddings": head_embeddings,
             "bag_embedding": bag,
         }
-        return MILOutput(logits=logits, attention=weights, extras=extras)
+        return MILOutput(logits=logits, attention=weights, attention_logits=attention_logits, extras=extras)
 
     def forward(
         self, x: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None

@@ -26,7 +26,7 @@ from torch import nn
 
 from milstudy.models.abmil import AttentionScorer
 from milstudy.models.base import MILModel, MILOutput, register_model
-from milstudy.models.layers import check_bag_input, masked_softmax
+from milstudy.models.layers import check_bag_input, masked_softmax, pad_attention_logits
 
 
 def smooth_top1_svm_loss(logits: torch.Tensor, target: torch.Tensor, tau: float = 1.0, alpha: float = 1.0):
@@ -41,7 +41,8 @@ def smooth_top1_svm_loss(logits: torch.Tensor, target: torch.Tensor, tau: float 
 class CLAMSB(MILModel):
     """CLAM-SB; ``forward(x [B,N,D], coords=None, mask=None, targets=None) -> MILOutput``.
 
-    attention ``[B,1,N]``; extras ``attention_logits`` ``[B,1,N]``, ``bag_embedding`` ``[B,512]``.
+    attention ``[B,1,N]``; ``attention_logits`` ``[B,1,N]`` the gated scores before the softmax (``PAD_LOGIT`` on
+    padding); extras ``bag_embedding`` ``[B,512]``.
     """
 
     needs_targets = True
@@ -100,10 +101,10 @@ class CLAMSB(MILModel):
         """x ``[B,N,D]``; targets ``[B]`` class indices (optional, enables ``aux_losses["instance"]``)."""
         mask = check_bag_input(x, self.in_dim, mask, "CLAM-SB")
         h = self.embed(x)  # [B,N,L]
-        scores = self.scorer(h).masked_fill(~mask, 0.0).unsqueeze(1)  # [B,1,N]
+        scores = pad_attention_logits(self.scorer(h).unsqueeze(1), mask)  # [B,1,N]
         weights = masked_softmax(scores, mask)
         bag = torch.einsum("bhn,bnl->bl", weights, h)  # [B,L]
-        output = MILOutput(self.classifier(bag), weights, extras={"attention_logits": scores, "bag_embedding": bag})
+        output = MILOutput(self.classifier(bag), weights, attention_logits=scores, extras={"bag_embedding": bag})
         if targets is not None:
             targets = torch.as_tensor(targets, device=x.device).reshape(-1)
             if targets.dtype.is_floating_point or targets.numel() != x.shape[0]:

@@ -1,7 +1,8 @@
 """Small building blocks shared by the model zoo.
 
 - ``check_bag_input``: the one place that validates ``x`` / ``mask`` (feature width, empty bags).
-- ``masked_softmax``: softmax over instances that is exactly zero on padded positions.
+- ``masked_softmax``: softmax over instances that is exactly zero on padded positions; ``PAD_LOGIT`` and
+  ``pad_attention_logits``: what ``MILOutput.attention_logits`` holds on padding.
 - ``softmax_attention_times_vector``: ``softmax(Q Kᵀ/√d) a`` for a value of width 1 (the "attention plus" term of
   ABMILX, Tang et al. 2025 Eq. 4) through torch's fused SDPA kernels, or an exact query-chunked autograd
   fallback; neither the forward nor the backward ever holds the N x N matrix (memory O(N), time O(N²d)).
@@ -51,11 +52,32 @@ def check_bag_input(
     return mask
 
 
+PAD_LOGIT = -1e4
+"""The value ``MILOutput.attention_logits`` holds on padded positions: finite (so ``0 * logit``, differences of
+two models' logits and ``log_softmax`` stay finite) and low enough that ``exp(PAD_LOGIT - max)`` underflows to
+exactly 0 in float32 and float64 for any real logit above -9000."""
+
+
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax of ``logits [B, ..., N]`` over instances, exactly 0 where ``mask [B, N]`` is False."""
-    expanded = mask.view(mask.shape[0], *([1] * (logits.dim() - 2)), mask.shape[1])
+    """Softmax of ``logits [B, ..., N]`` over instances, exactly 0 where ``mask [B, N]`` is False.
+
+    Whatever padded positions hold (``PAD_LOGIT``, -inf, garbage) is ignored: they are replaced by -inf before the
+    softmax and their weight set to 0 after, so ``masked_softmax(out.attention_logits, mask) == out.attention``.
+    """
+    if mask.dim() != 2 or mask.shape[0] != logits.shape[0] or mask.shape[1] != logits.shape[-1]:
+        raise ValueError(
+            f"masked_softmax: mask must be [B, N] = {(logits.shape[0], logits.shape[-1])} for logits of shape "
+            f"{tuple(logits.shape)}, got mask of shape {tuple(mask.shape)}"
+        )
+    expanded = mask.to(torch.bool).view(mask.shape[0], *([1] * (logits.dim() - 2)), mask.shape[1])
     weights = torch.softmax(logits.masked_fill(~expanded, float("-inf")), dim=dim)
     return weights.masked_fill(~expanded, 0.0)
+
+
+def pad_attention_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logits [B, heads, N]`` with ``PAD_LOGIT`` where ``mask [B, N]`` is False (the form of
+    ``MILOutput.attention_logits``); gradient flows to the real positions unchanged."""
+    return logits.masked_fill(~mask[:, None, :], PAD_LOGIT)
 
 
 def _chunk_size(rows_per_query: int, n_keys: int, budget: int) -> int:
@@ -191,8 +213,12 @@ class NystromAttention(nn.Module):
         q, k, v = (t.view(batch, n_tokens, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
         return q * self.dim_head**-0.5, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[B, N, dim]`` -> ``[B, N, dim]``."""
+    def forward(
+        self, x: torch.Tensor, return_first_row_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, N, dim]`` -> ``[B, N, dim]``; with ``return_first_row_logits`` also the EXACT attention logits of
+        token 0 over all N tokens, q_0·k_t/√d ``[B, heads, N]`` (not the Nyström approximation), from the q/k this
+        forward computes anyway: O(N·d) extra work, with gradient (the front zero padding is not among the keys)."""
         batch, n_tokens, _ = x.shape
         n_land = self.landmarks
         pad = (-n_tokens) % n_land
@@ -207,4 +233,7 @@ class NystromAttention(nn.Module):
         out = kernel_1 @ (moore_penrose_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ v))  # [B,h,L,dh]
         out = out + self.residual_conv(v)
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.dim_head)[:, pad:]  # [B,N,inner]
-        return self.to_out(out)
+        out = self.to_out(out)
+        if not return_first_row_logits:
+            return out
+        return out, torch.einsum("bhd,bhnd->bhn", q[:, :, pad], k[:, :, pad:])  # q already scaled: [B,h,N]

@@ -7,6 +7,9 @@ records: 8 heads, width ``dim``, pre-LayerNorm blocks, MLP ratio 4, an input pro
 
 Attention reported in ``MILOutput.attention`` ``[B, heads, N]``: QAMIL's query weights exactly; for ViTMIL the
 [CLS] row of the last layer restricted to the instances and renormalised (the [CLS]-to-[CLS] weight is dropped).
+``attention_logits`` ``[B, heads, N]``: the scores q·k/√d those softmaxes normalise (for ViTMIL the last layer's
+[CLS]-to-instance scores, from the q/k that layer computes anyway), with gradient. One query token per model here;
+a variant with several query tokens would flatten (query, head) into the heads axis, query-major.
 ViTMIL is quadratic in N by design; it runs through torch's fused scaled-dot-product attention.
 """
 
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from milstudy.models.base import MILModel, MILOutput, register_model
-from milstudy.models.layers import check_bag_input, masked_softmax
+from milstudy.models.layers import check_bag_input, masked_softmax, pad_attention_logits
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -44,17 +47,19 @@ class _SelfAttentionBlock(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = _MLP(dim, mlp_ratio, dropout)
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, keys: torch.Tensor, return_first_row_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B,T,dim]``, keys ``[B,T]`` (False = padded key) -> ``[B,T,dim]``; with ``return_first_row_logits``
+        also the exact attention logits of token 0 ([CLS]) over all tokens, q_0·k_t/√d ``[B,heads,T]``, from the
+        q/k the attention uses (O(T) extra work and memory, with gradient)."""
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
         x = x + self.proj(out.transpose(1, 2).flatten(2))
-        return x + self.mlp(self.norm2(x))
-
-    def first_row_attention(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Softmax weights of token 0 ([CLS]) over all tokens, ``[B, heads, T]``, in O(T) memory."""
-        q, k, _ = (_split_heads(t, self.heads) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
-        logits = (q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])
-        return masked_softmax(logits, keys)
+        x = x + self.mlp(self.norm2(x))
+        if not return_first_row_logits:
+            return x
+        return x, (q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # [B,heads,T]
 
 
 def _input_projection(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
@@ -86,11 +91,11 @@ class ViTMIL(MILModel):
         keys = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
         for block in self.blocks[:-1]:
             tokens = block(tokens, keys)
-        cls_row = self.blocks[-1].first_row_attention(tokens, keys)[..., 1:]  # [B, heads, N], CLS column dropped
-        attention = cls_row / cls_row.sum(-1, keepdim=True).clamp_min(torch.finfo(cls_row.dtype).tiny)
-        tokens = self.blocks[-1](tokens, keys)
+        tokens, row_logits = self.blocks[-1](tokens, keys, return_first_row_logits=True)
+        logits = pad_attention_logits(row_logits[..., 1:], mask)  # [B, heads, N]: CLS->instance, CLS column dropped
+        attention = masked_softmax(logits, mask)  # the CLS row renormalised over the instances
         bag = self.norm(tokens[:, 0])
-        return MILOutput(self.classifier(bag), attention, extras={"bag_embedding": bag})
+        return MILOutput(self.classifier(bag), attention, attention_logits=logits, extras={"bag_embedding": bag})
 
 
 class QAMIL(MILModel):
@@ -122,12 +127,13 @@ class QAMIL(MILModel):
         q = _split_heads(self.q(self.norm_q(query)), self.heads)  # [B, heads, 1, d]
         k, v = (_split_heads(t, self.heads) for t in self.kv(h).chunk(2, dim=-1))
         logits = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # [B, heads, N]
+        logits = pad_attention_logits(logits, mask)
         attention = masked_softmax(logits, mask)
         pooled = (attention.unsqueeze(2) @ v).transpose(1, 2).flatten(2)  # [B, 1, dim]
         token = query + self.proj(pooled)
         token = token + self.mlp(self.norm_mlp(token))
         bag = self.norm(token[:, 0])
-        return MILOutput(self.classifier(bag), attention, extras={"bag_embedding": bag})
+        return MILOutput(self.classifier(bag), attention, attention_logits=logits, extras={"bag_embedding": bag})
 
 
 @register_model("vitmil")

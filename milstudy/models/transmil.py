@@ -9,11 +9,17 @@
     H ← H + Nyström(LN(H))                             layer 2
     logits = W_c LN(H)_cls                             [B,C]
 
-Attention exposed for analyses (spec abmilx.md §4.2, our choice): the exact last-layer CLS row
-softmax(q_cls Kᵀ/√d) over the layer-2 tokens (O(n), never the full matrix; computed without gradient), the
-weights of repeated copies folded back onto their source instance and renormalised over the n instances,
-averaged over heads -> ``attention [B,1,n]``; per head in ``extras["cls_attention_per_head"] [B,8,n]``; the raw
-CLS logits of each instance's first copy in ``extras["attention_logits"] [B,8,n]``.
+Attention exposed (spec abmilx.md §4.2, asmil.md §2.8; our choice): the exact last-layer CLS row
+softmax(q_cls Kᵀ/√d) over the layer-2 tokens, from the q/k layer 2 computes anyway (O(n·d), never the full matrix
+and not the Nyström approximation; with gradient), per head:
+
+    s_t = q_cls·k_t/√d                              [B,heads,s²]   CLS -> instance-token logits of layer 2
+    attention_logits_i = logsumexp_{t copy of i} s_t [B,heads,n]   the copies of a repeated instance folded
+    attention = masked_softmax(attention_logits)     [B,heads,n]   = the CLS row folded onto the instances and
+                                                                    renormalised over them (CLS->CLS dropped)
+
+so the identity ``masked_softmax(attention_logits, mask) == attention`` is exact. Attention stays per head
+(analyses take the head mean); ``attention_logits`` is ``PAD_LOGIT`` on padding.
 
 Not permutation invariant (PPEG convolves the order-as-image layout and the Nyström landmarks are segment means),
 so ``permutation_invariant = False``. Masking: the repetition padding depends on each bag's own n, so a padded
@@ -29,7 +35,13 @@ import torch
 from torch import nn
 
 from milstudy.models.base import MILModel, MILOutput, register_model
-from milstudy.models.layers import NystromAttention, check_bag_input
+from milstudy.models.layers import (
+    PAD_LOGIT,
+    NystromAttention,
+    check_bag_input,
+    masked_softmax,
+    pad_attention_logits,
+)
 
 
 class TransLayer(nn.Module):
@@ -49,23 +61,25 @@ class TransLayer(nn.Module):
         self.attention = NystromAttention(dim, heads=heads, landmarks=landmarks, dropout=dropout)
         self.exact_short = exact_short
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, return_cls_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B,L,dim]`` -> ``[B,L,dim]``; with ``return_cls_logits`` also the exact CLS-row (token 0) attention
+        logits q_cls·k_t/√d ``[B,heads,L]`` from the q/k of this forward (no second qkv projection), with gradient."""
         if self.exact_short and x.shape[1] <= self.attention.landmarks:
-            return x + self._exact_attention(self.norm(x))
-        return x + self.attention(self.norm(x))
+            out, cls_logits = self._exact_attention(self.norm(x))
+        else:
+            out, cls_logits = self.attention(self.norm(x), return_first_row_logits=True)
+        return (x + out, cls_logits) if return_cls_logits else x + out
 
-    def _exact_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact multi-head attention with the Nyström layer's weights: ``[B,L,dim] -> [B,L,dim]``."""
+    def _exact_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact multi-head attention with the Nyström layer's weights: ``[B,L,dim]`` -> (``[B,L,dim]``, the
+        first row of the logits ``[B,heads,L]``)."""
         attention = self.attention
         q, k, v = attention.split_heads(x)  # [B,h,L,dh], q already scaled by 1/√d
-        out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v + attention.residual_conv(v)
-        return attention.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-
-    @torch.no_grad()
-    def cls_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact CLS-row attention logits q_cls·k_j/√d over all tokens: x ``[B,L,dim]`` -> ``[B,heads,L]``."""
-        q, k, _ = self.attention.split_heads(self.norm(x))  # q already scaled by 1/√d
-        return torch.einsum("bhd,bhld->bhl", q[:, :, 0], k)
+        scores = q @ k.transpose(-1, -2)  # [B,h,L,L]
+        out = torch.softmax(scores, dim=-1) @ v + attention.residual_conv(v)
+        return attention.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), scores[:, :, 0]
 
 
 class PPEG(nn.Module):
@@ -83,8 +97,26 @@ class PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
+def fold_copies_logsumexp(token_logits: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fold the logits of tokens that are copies of one instance into one logit per instance, by logsumexp.
+
+    token_logits ``[G,h,T]``, index ``[G,T]`` (the position in N each token copies), mask ``[G,N]`` ->
+    ``[G,h,N]`` with ``logit_i = log Σ_{t: index_t = i} exp(token_logit_t)`` (``PAD_LOGIT`` on padding), so a
+    softmax over the instances equals the softmax over the tokens summed over each instance's copies. Stable (the
+    per-instance maximum is factored out) and differentiable.
+    """
+    groups, heads, _ = token_logits.shape
+    idx = index.unsqueeze(1).expand(-1, heads, -1)  # [G,h,T]
+    top = token_logits.new_full((groups, heads, mask.shape[1]), float("-inf"))
+    top = top.scatter_reduce(2, idx, token_logits, reduce="amax", include_self=True)
+    top = top.masked_fill(~mask[:, None, :], 0.0)  # padding has no copy
+    total = torch.zeros_like(top).scatter_add(2, idx, torch.exp(token_logits - top.gather(2, idx)))  # >= 1 if real
+    return pad_attention_logits(top + torch.log(total.masked_fill(~mask[:, None, :], 1.0)), mask)
+
+
 class TransMIL(MILModel):
-    """TransMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention ``[B,1,N]``."""
+    """TransMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention and attention_logits
+    ``[B,heads,N]`` (see the module docstring)."""
 
     permutation_invariant = False
 
@@ -115,8 +147,9 @@ class TransMIL(MILModel):
         """Bags whose real instances fill the same ``side x side`` grid, run together.
 
         x ``[G,N,D]``, mask ``[G,N]`` -> logits ``[G,C]``, per-head CLS weights folded onto the instances ``[G,h,N]``
-        (0 on padded positions) and the CLS logits of each instance's first copy ``[G,h,N]``. Every operation after
-        the gather acts on each bag alone, so this equals running the bags one at a time over their real instances.
+        (0 on padded positions) and their logits (logsumexp over each instance's copies, ``PAD_LOGIT`` on padding)
+        ``[G,h,N]``. Every operation after the gather acts on each bag alone, so this equals running the bags one at
+        a time over their real instances.
         """
         n_real = mask.sum(dim=1).tolist()
         index = torch.stack([  # token -> position in N: the real instances, then repeated from the first one
@@ -127,17 +160,9 @@ class TransMIL(MILModel):
         h = torch.gather(h, 1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [G,s²,dim] repetition padding
         h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(h.dtype), h], dim=1)  # [G,1+s²,dim]
         h = self.ppeg(self.layer1(h), side)
-        scores = self.layer2.cls_scores(h)  # [G,h,1+s²]
-        token_weights = torch.softmax(scores, dim=-1)[:, :, 1:]  # CLS->instance tokens
-        heads = token_weights.shape[1]
-        folded = torch.zeros(x.shape[0], heads, x.shape[1], dtype=h.dtype, device=h.device)
-        folded.scatter_add_(2, index.unsqueeze(1).expand(-1, heads, -1), token_weights)
-        per_head = folded / folded.sum(dim=-1, keepdim=True)  # [G,h,N]
-        first_scores = torch.zeros_like(per_head)
-        for row, n in enumerate(n_real):  # the first n tokens are the real instances, in order
-            first_scores[row, :, index[row, :n]] = scores[row, :, 1 : n + 1]
-        h = self.norm(self.layer2(h))[:, 0]  # [G,dim]
-        return self.classifier(h), per_head, first_scores
+        h, cls_logits = self.layer2(h, return_cls_logits=True)  # [G,1+s²,dim], [G,heads,1+s²]
+        logits = fold_copies_logsumexp(cls_logits[:, :, 1:], index, mask)  # CLS->instance tokens: [G,heads,N]
+        return self.classifier(self.norm(h)[:, 0]), masked_softmax(logits, mask), logits
 
     def forward(
         self, x: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -150,21 +175,22 @@ class TransMIL(MILModel):
         mask = check_bag_input(x, self.in_dim, mask, "TransMIL")
         sides = torch.ceil(torch.sqrt(mask.sum(dim=1).double())).long()
         if bool((sides == sides[0]).all()):
-            logits, per_head, scores = self._forward_same_side(x, mask, int(sides[0]))
+            logits, attention, attention_logits = self._forward_same_side(x, mask, int(sides[0]))
         else:
             batch, n_max = mask.shape
-            per_head = x.new_zeros(batch, self.layer2.attention.heads, n_max)
-            scores = torch.zeros_like(per_head)
+            attention = x.new_zeros(batch, self.layer2.attention.heads, n_max)
+            attention_logits = torch.full_like(attention, PAD_LOGIT)
             logits = x.new_zeros(batch, self.classifier.out_features)
             for side in sides.unique().tolist():
                 rows = (sides == side).nonzero().squeeze(1)
                 # Nyström's pinv is scaled by a maximum over the whole batch: long bags go one at a time
                 exact = self.layer1.exact_short and 1 + side * side <= self.layer1.attention.landmarks
                 for group in [rows] if exact else rows.split(1):
-                    logits_g, per_head[group], scores[group] = self._forward_same_side(x[group], mask[group], side)
+                    logits_g, attention_g, attention_logits_g = self._forward_same_side(x[group], mask[group], side)
                     logits = logits.index_copy(0, group, logits_g)
-        extras = {"attention_logits": scores, "cls_attention_per_head": per_head}
-        return MILOutput(logits, per_head.mean(dim=1, keepdim=True), extras=extras)
+                    attention = attention.index_copy(0, group, attention_g)
+                    attention_logits = attention_logits.index_copy(0, group, attention_logits_g)
+        return MILOutput(logits, attention, attention_logits=attention_logits)
 
 
 @register_model("transmil")

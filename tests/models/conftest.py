@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from milstudy.models import build_model
+from milstudy.models import build_model, combined_loss
 
 IN_DIM = 16
 
@@ -50,7 +50,7 @@ def fit_toy(name: str, epochs: int = 12, seed: int = 0, **kwargs) -> float:
         model.train()
         for batch in torch.randperm(len(x), generator=gen).split(16):
             out = forward(model, x[batch], targets=y[batch])
-            loss = F.cross_entropy(out.logits, y[batch]) + sum(out.aux_losses.values())
+            loss = combined_loss(out, lambda logits: F.cross_entropy(logits, y[batch]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

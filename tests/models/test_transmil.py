@@ -40,9 +40,13 @@ def test_cls_attention_is_exact_and_folds_repeated_instances():
     source = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3])
     folded = torch.zeros(weights.shape[0], n, dtype=torch.float64).index_add_(1, source, weights)
     folded = folded / folded.sum(-1, keepdim=True)
-    torch.testing.assert_close(out.extras["cls_attention_per_head"][0], folded)
-    torch.testing.assert_close(out.attention[0, 0], folded.mean(0))
-    assert math.isclose(out.attention.sum().item(), 1.0)
+    torch.testing.assert_close(out.attention[0], folded)  # per head, [heads, n]
+    assert out.attention.shape == (1, model.layer2.attention.heads, n)
+    # the logits fold the copies by logsumexp: instance 0 has tokens 0 and 5, instance 4 only token 4
+    logits = (q[:, :, :1] @ k.transpose(-1, -2))[0, :, 0, 1:]  # [heads, 9] CLS -> token logits
+    torch.testing.assert_close(out.attention_logits[0, :, 0], torch.logaddexp(logits[:, 0], logits[:, 5]))
+    torch.testing.assert_close(out.attention_logits[0, :, 4], logits[:, 4])
+    assert math.isclose(out.attention.sum().item(), model.layer2.attention.heads)
 
 
 def test_order_matters_through_ppeg():
@@ -82,5 +86,5 @@ def test_padded_batch_of_long_bags_equals_bags_one_at_a_time():
         single = model(padded[b : b + 1, :n])
         torch.testing.assert_close(out.logits[b], single.logits[0], atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(out.attention[b, :, :n], single.attention[0], atol=1e-10, rtol=1e-10)
-        torch.testing.assert_close(out.extras["attention_logits"][b, :, :n], single.extras["attention_logits"][0])
+        torch.testing.assert_close(out.attention_logits[b, :, :n], single.attention_logits[0], atol=1e-10, rtol=1e-10)
         assert (out.attention[b, :, n:] == 0).all()

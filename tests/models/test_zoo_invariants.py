@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from milstudy.models import build_model, list_models
+from milstudy.models import build_model, combined_loss, list_models
 
 
 # The zoo's own models; test-only stand-ins registered by other test packages (tests/e2e/e2e_toy.py registers
@@ -49,6 +49,8 @@ def test_permutation_invariance(name, call_model, build):
     torch.testing.assert_close(out_perm.logits, out.logits, atol=1e-10, rtol=1e-10)
     if out.attention is not None:  # equivariance
         torch.testing.assert_close(out_perm.attention, out.attention[..., perm], atol=1e-10, rtol=1e-10)
+    if out.attention_logits is not None:
+        torch.testing.assert_close(out_perm.attention_logits, out.attention_logits[..., perm], atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -68,6 +70,10 @@ def test_padded_batch_equals_bags_one_at_a_time(name, call_model, build):
         if single.attention is not None:
             torch.testing.assert_close(out.attention[b, :, : sizes[b]], single.attention[0], atol=1e-10, rtol=1e-10)
             assert (out.attention[b, :, sizes[b] :] == 0).all()
+        if single.attention_logits is not None:
+            torch.testing.assert_close(
+                out.attention_logits[b, :, : sizes[b]], single.attention_logits[0], atol=1e-10, rtol=1e-10
+            )
 
 
 # Parameters allowed to receive no gradient (name -> reason). Empty: with both classes in the batch, CLAM's
@@ -81,7 +87,7 @@ def test_gradients_reach_every_parameter(name, call_model, build):
     x = torch.randn(4, 6, IN_DIM, dtype=torch.float64)
     targets = torch.tensor([0, 1, 2, 1])
     out = call_model(model, x, targets=targets)
-    loss = F.cross_entropy(out.logits, targets) + sum(out.aux_losses.values())
+    loss = combined_loss(out, lambda logits: F.cross_entropy(logits, targets))
     loss.backward()
     allowed = NO_GRADIENT_EXCEPTIONS.get(name, set())
     missing = [n for n, p in model.named_parameters() if n not in allowed and (p.grad is None or not p.grad.any())]
