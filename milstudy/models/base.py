@@ -142,13 +142,3 @@ def build_model(name: str, in_dim: int, n_out: int, **kwargs) -> nn.Module:
 
 def _import_zoo() -> None:
     import milstudy.models  # noqa: F401  (importing the package registers every model)
-
-
-def combined_loss(output: MILOutput, task_loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``logits_weight * task_loss(logits) + Σ w * task_loss(stream) + Σ aux_losses`` (see :class:`MILOutput`)."""
-    loss = getattr(output, "logits_weight", 1.0) * task_loss(output.logits)
-    for logits, weight in getattr(output, "loss_streams", {}).values():
-        loss = loss + weight * task_loss(logits)
-    for aux in output.aux_losses.values():
-        loss = loss + aux.float()
-    return loss
