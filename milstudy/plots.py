@@ -4,8 +4,19 @@
 - ``attention_heatmap``: head-mean attention on the slide thumbnail with a per-slide **rank-percentile** colour
   scale (our choice, spec abmilx §4.3 E8: raw attention spans orders of magnitude between models, ranks make
   maps comparable) and the ground-truth tumour contour.
+  ``scale="mass"`` colours N·a on a fixed log scale instead (1 = uniform), so a peaked map looks peaked; the
+  instance AUROC and the attention share of the top 10 % of patches are written under each map.
 - ``attention_grid_map`` (no thumbnail), ``attention_histograms`` (distribution over training epochs),
-  ``metric_table_plot`` (mean ± std bars), ``training_curves`` and ``umap_scatter``.
+  ``training_curves`` and ``umap_scatter``.
+- Intervals: ``metric_table_plot`` (mean ± 95 % t-interval over seeds, clipped to the metric's range, labelled,
+  chance line on AUC / C-index axes), ``forest_plot`` (a claims table: difference, interval, zero line, verdict
+  colour), and the helpers ``error_bar_label``, ``clip_interval``, ``metric_range``, ``mark_chance``
+  (these live in :mod:`milstudy.plots_intervals` and are re-exported here).
+
+Example::
+
+    plots.metric_table_plot(per_seed, "test_auc", "model")        # y label "test_auc (mean ± 95 % CI over 5 seeds)"
+    plots.forest_plot(claims_table(claims, predictions=preds))
 
 Every function draws into ``ax`` when given (else a new figure) and returns the Figure.
 """
@@ -21,6 +32,12 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy.stats import rankdata
+
+from milstudy.analysis.stats import seed_summary
+from milstudy.plots_intervals import (  # noqa: F401  (re-exported: plots is the one door for figures)
+    VERDICT_COLOURS, chance_level, clip_interval, error_bar_label, forest_plot, interval_errorbar, mark_chance,
+    metric_range,
+)
 
 ATTENTION_CMAP = "magma"
 CONTOUR_COLOUR = "#00e5ff"
@@ -71,16 +88,20 @@ def attention_heatmap(
     alpha: float = 0.6,
     title: str | None = None,
     colorbar: bool = True,
+    scale: str = "rank",
+    instance_labels: np.ndarray | None = None,
 ) -> Figure:
-    """Attention on the slide thumbnail, rank-percentile coloured, with the ground-truth contour.
+    """Attention on the slide thumbnail, rank-percentile (``scale="rank"``) or mass (``"mass"``: N·a on a fixed
+    log scale, see :func:`attention_colour`) coloured, with the ground-truth contour.
 
     thumbnail: ``[h, w, 3]`` uint8/float image of the slide at ``downsample`` (level-0 px per thumbnail px);
     coords: ``[N, 2]`` level-0 (x, y) of each patch's top-left corner; attention: ``[N]`` or ``[heads, N]``
     (heads averaged); patch_size_level0: patch side in level-0 px; contour_mask: ``[H, W]`` bool tumour mask at any
-    resolution covering the same extent as the thumbnail (drawn as a contour line).
+    resolution covering the same extent as the thumbnail (drawn as a contour line); instance_labels ``[N]`` 0/1:
+    the instance AUROC is written under the map (with the top-10 % attention share, :func:`attention_note`).
     """
     coords = np.asarray(coords)
-    colour = rank_percentile(attention)
+    colour = attention_colour(attention, scale)
     if coords.shape != (colour.shape[0], 2):
         raise ValueError(f"coords must be [N, 2] with N={colour.shape[0]} (attention length), got {coords.shape}")
     fig, ax = _axes(ax, (5, 5))
@@ -107,8 +128,9 @@ def attention_heatmap(
     ax.grid(False)
     if title:
         ax.set_title(title)
+    _annotate_map(ax, attention, instance_labels)
     if colorbar:
-        _rank_colorbar(fig, ax)
+        _rank_colorbar(fig, ax, scale)
     return fig
 
 
@@ -120,13 +142,17 @@ def attention_grid_map(
     ax: Axes | None = None,
     title: str | None = None,
     colorbar: bool = False,
+    scale: str = "rank",
+    annotate: bool = True,
 ) -> Figure:
-    """Attention on the patch grid alone (no thumbnail), rank-percentile coloured; tumour patches outlined.
+    """Attention on the patch grid alone (no thumbnail), coloured by ``scale`` ("rank" or "mass", see
+    :func:`attention_colour`); tumour patches outlined and, with ``annotate``, the instance AUROC and top-10 %
+    attention share written under the map.
 
     coords: ``[N, 2]`` (x, y) of each patch (any unit); patch_size in the same unit; instance_labels ``[N]`` 0/1.
     """
     coords = np.asarray(coords, dtype=float)
-    colour = rank_percentile(attention)
+    colour = attention_colour(attention, scale)
     if coords.shape != (colour.shape[0], 2):
         raise ValueError(f"coords must be [N, 2] with N={colour.shape[0]} (attention length), got {coords.shape}")
     fig, ax = _axes(ax, (4, 4))
@@ -144,14 +170,60 @@ def attention_grid_map(
     ax.grid(False)
     if title:
         ax.set_title(title, fontsize=9)
+    if annotate:
+        _annotate_map(ax, attention, instance_labels)
     if colorbar:
-        _rank_colorbar(fig, ax)
+        _rank_colorbar(fig, ax, scale)
     return fig
 
 
-def _rank_colorbar(fig: Figure, ax: Axes | list[Axes]) -> None:
-    mappable = plt.cm.ScalarMappable(cmap=ATTENTION_CMAP, norm=plt.Normalize(0, 1))
-    fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="attention rank percentile (per slide)")
+MASS_RANGE = (1e-2, 1e2)  # N·a from 1/100 to 100 times uniform: the fixed colour range of scale="mass"
+
+
+def attention_colour(attention: Any, scale: str = "rank") -> np.ndarray:
+    """Colour values in [0, 1] of head-mean attention ``[N]``: ``"rank"``: the per-slide rank percentile
+    (comparable ranks, blind to peakedness); ``"mass"``: log10(N·a) mapped linearly from MASS_RANGE to [0, 1]
+    (0.5 = uniform attention, 1 = at least 100x uniform), the same scale for every slide and model, so a flat
+    map is uniformly mid-coloured and a peaked one has a few bright patches on a dark slide."""
+    if scale == "rank":
+        return rank_percentile(attention)
+    if scale != "mass":
+        raise ValueError(f"scale must be 'rank' or 'mass', got {scale!r}")
+    a = _head_mean(attention)
+    low, high = np.log10(MASS_RANGE)
+    return np.clip((np.log10(np.clip(a * a.shape[0], 1e-300, None)) - low) / (high - low), 0.0, 1.0)
+
+
+def attention_note(attention: Any, instance_labels: Any | None = None) -> str:
+    """"instance AUROC 0.91 · top 10 % of patches: 63 % of attention" for one slide (AUROC only with labels and
+    both classes present): how well attention finds tumour, and how peaked it is."""
+    from milstudy.analysis.localization import instance_auroc
+
+    a = _head_mean(attention)
+    k = max(1, int(np.ceil(0.1 * a.shape[0])))
+    parts = [f"top 10 % of patches: {100 * np.sort(a)[::-1][:k].sum() / a.sum():.0f} % of attention"]
+    if instance_labels is not None:
+        auroc = instance_auroc(a / a.sum(), instance_labels)
+        if np.isfinite(auroc):
+            parts.insert(0, f"instance AUROC {auroc:.2f}")
+    return " · ".join(parts)
+
+
+def _annotate_map(ax: Axes, attention: Any, instance_labels: Any | None) -> None:
+    ax.text(0.5, -0.02, attention_note(attention, instance_labels), transform=ax.transAxes, ha="center",
+            va="top", fontsize=7)
+
+
+def _rank_colorbar(fig: Figure, ax: Axes | list[Axes], scale: str = "rank") -> None:
+    if scale == "mass":
+        from matplotlib.colors import LogNorm
+
+        mappable = plt.cm.ScalarMappable(cmap=ATTENTION_CMAP, norm=LogNorm(*MASS_RANGE))
+        label = "attention × N (1 = uniform, log scale)"
+    else:
+        mappable = plt.cm.ScalarMappable(cmap=ATTENTION_CMAP, norm=plt.Normalize(0, 1))
+        label = "attention rank percentile (per slide)"
+    fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label=label)
 
 
 def attention_histograms(
@@ -188,21 +260,38 @@ def metric_table_plot(
     reference: Mapping[str, float] | None = None,
     ax: Axes | None = None,
     title: str | None = None,
+    level: float = 0.95,
 ) -> Figure:
-    """Bars of mean ± std of ``metric`` over rows (seeds) per ``group`` (and ``hue``); ``reference`` marks the
-    paper's value per group with a black tick."""
+    """Bars of the mean of ``metric`` over rows (seeds) per ``group`` (and ``hue``) with the Student-t ``level``
+    interval over seeds (:func:`milstudy.analysis.stats.seed_summary`; none for a single seed), clipped to the
+    metric's range; the y label says what the bars are, AUC / C-index axes get a chance line, ``reference``
+    marks the paper's value per group with a black tick."""
     import seaborn as sns
 
     if metric not in table or group not in table:
         raise ValueError(f"table needs columns {metric!r} and {group!r}; it has {list(table.columns)}")
     fig, ax = _axes(ax, (max(4, 0.9 * table[group].nunique() + 2), 3.5))
     order = list(dict.fromkeys(table[group]))
-    sns.barplot(data=table, x=group, y=metric, hue=hue, order=order, errorbar="sd", ax=ax, capsize=0.1)
+    bounds = metric_range(metric)
+
+    def interval(values: pd.Series) -> tuple[float, float]:
+        if len(values) < 2:
+            return float(values.mean()), float(values.mean())
+        summary = seed_summary(values, level, name=metric)
+        return tuple(clip_interval(summary.ci_low, summary.ci_high, bounds))
+
+    sns.barplot(data=table, x=group, y=metric, hue=hue, order=order, errorbar=interval, ax=ax, capsize=0.1)
+    counts = table.groupby([group] + ([hue] if hue else []))[metric].count()
+    ax.set_ylabel(f"{metric}\n({error_bar_label(counts.tolist(), level)})")
+    if bounds is not None:
+        ax.set_ylim(bounds[0], bounds[1] * 1.02)
     if reference:
         for i, name in enumerate(order):
             if name in reference and reference[name] is not None:
                 ax.plot([i - 0.4, i + 0.4], [reference[name]] * 2, color="black", linewidth=2,
                         label="paper" if i == 0 else None)
+    mark_chance(ax, metric)
+    if reference or chance_level(metric) is not None:
         ax.legend()
     ax.set_xlabel("")
     ax.tick_params(axis="x", rotation=20)
@@ -278,8 +367,9 @@ def attention_evolution(
     instance_labels: np.ndarray | None = None,
     epochs: Sequence[int] | None = None,
     title: str | None = None,
+    scale: str = "rank",
 ) -> Figure:
-    """Rows = models, columns = epochs: grid maps of one slide's attention (rank-percentile colours, tumour
+    """Rows = models, columns = epochs: grid maps of one slide's attention (``scale`` colours, tumour
     outlined), and a last column with the distribution of N·ā at those epochs (ABMILX paper Sec. 3.3 figure).
 
     snapshots: ``{model: {epoch: attention [heads, N] or [N]}}``; coords ``[N, 2]``; epochs: which to show
@@ -296,13 +386,15 @@ def attention_evolution(
     for r, (model, by_epoch) in enumerate(snapshots.items()):
         for c, epoch in enumerate(epochs):
             attention_grid_map(coords, by_epoch[epoch], patch_size, instance_labels, ax=axes[r, c],
-                               title=f"{model}\nepoch {epoch}" if c == 0 else f"epoch {epoch}")
+                               title=f"{model}\nepoch {epoch}" if c == 0 else f"epoch {epoch}", scale=scale)
         attention_histograms({e: by_epoch[e] for e in epochs}, ax=axes[r, -1])
         axes[r, -1].set_xlabel("log10(N·ā)" if r == n_rows - 1 else "")
         if r:
             axes[r, -1].get_legend().remove()
-    fig.suptitle((title + "\n" if title else "") + "grid colour: per-slide attention rank percentile (bright = high); "
-                 "cyan: tumour patches", fontsize=10)
+    colours = ("per-slide attention rank percentile" if scale == "rank" else
+               "attention × N, log scale from 0.01 to 100 (mid = uniform)")
+    fig.suptitle((title + "\n" if title else "") + f"grid colour: {colours} (bright = high); cyan: tumour patches",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
