@@ -20,8 +20,13 @@ def run_grid(
     seeds: Sequence[int],
     callbacks: Sequence[Callable] = (),
     progress: bool = True,
-) -> pd.DataFrame:
+    return_predictions: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Train every named config for every seed; one row per run with test/val metrics, epochs and wall time.
+
+    ``return_predictions``: also return the per-slide test predictions of every run, one row per (method = run
+    name, seed, slide_id) with the task's target and prediction columns: the input of
+    ``milstudy.analysis.claims.claims_table`` (paired, hierarchical-bootstrap intervals).
 
     Names whose configs are identical (e.g. the default setting of every Table 7 ablation) are trained once per seed
     (training is deterministic given the config); the later rows copy the first one's and name it in ``same_as``.
@@ -30,14 +35,16 @@ def run_grid(
 
     from milstudy.train.e2e import train_e2e
 
-    rows = []
+    rows, predictions = [], []
     done: dict[str, dict] = {}
+    done_predictions: dict[str, pd.DataFrame] = {}
     jobs = [(name, seed) for name in configs for seed in seeds]
     for name, seed in tqdm(jobs, desc="E2E runs", disable=not progress):
         config = replace(configs[name], seed=int(seed))
         key = repr(config)
         if key in done and not callbacks:
             rows.append({**done[key], "run": name, "same_as": done[key]["run"]})
+            predictions.append(done_predictions[key].assign(method=name))
             continue
         result = train_e2e(data, task, config, callbacks)
         row = {"run": name, "seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
@@ -46,9 +53,15 @@ def run_grid(
         row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
         rows.append(row)
         done[key] = row
+        test = result.predictions
+        test = test[test["split"] == "test"] if "split" in test else test.iloc[0:0]
+        done_predictions[key] = test.assign(method=name, seed=seed)
+        predictions.append(done_predictions[key])
     frame = pd.DataFrame(rows)
     if "same_as" in frame:
         frame["same_as"] = frame["same_as"].fillna("")
+    if return_predictions:
+        return frame, pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
     return frame
 
 
