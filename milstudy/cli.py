@@ -32,7 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(err: BaseException) -> int:
+    """One line on stderr for an error that ended a command; the exit code (2 bad input, 1 failure)."""
+    import errno
+
+    hint = " (rerun with --debug for the traceback)"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        print(f"error: disk full (ENOSPC): {err.filename or err}; free space and rerun (finished outputs are "
+              "kept)", file=sys.stderr)
+        return 1
+    if isinstance(err, FileNotFoundError):
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(err, (ValueError, TypeError, KeyError)):  # manifests, labels, settings, slide ids: bad input
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"error: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Bad input (``ValueError`` and its kinds: manifest, label, slide-id errors; a missing file)
+    is one line on stderr and exit 2; other failures one line and exit 1; ``--debug`` (anywhere) re-raises."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -43,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - one error style for every command
+        if debug:
+            raise
+        return _report(err)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,20 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect_slides(args: argparse.Namespace):
-    """[(slide_id, path, mask_path or None, mask_downsample or None)] from --slides or --manifest."""
+def _collect_slides(args: argparse.Namespace, out: Path):
+    """[(slide_id, path, mask_path or None, mask_downsample or None, mpp or None, output path)] from --slides or
+    --manifest; output paths are checked to stay inside ``out`` and not to collide (``OutputPathError``)."""
     import pandas as pd
 
-    items = []
+    from milstudy.data.manifests import manifest_lines, output_paths, row_mpp
+
+    items, lines, source = [], None, "--slides"
     if args.manifest:
         from milstudy.data.manifests import load_manifest, resolve_paths
 
-        frame = resolve_paths(load_manifest(args.manifest, require=("slide_id", "path")), args.slide_root)
+        frame = resolve_paths(load_manifest(args.manifest, require=("slide_id", "path")), args.slide_root,
+                              allow_outside_root=args.allow_outside_root, source=args.manifest)
+        lines, source = manifest_lines(frame, args.manifest), args.manifest
         root = Path(args.slide_root) if args.slide_root else Path(args.manifest).resolve().parent
         for _, row in frame.iterrows():
             mask = row.get("mask_path") if "mask_path" in frame.columns else None
@@ -54,35 +59,41 @@ def _collect_slides(args: argparse.Namespace):
                 mask = str(root / mask)
             ds = row.get("mask_downsample") if "mask_downsample" in frame.columns else None
             items.append((str(row["slide_id"]), str(row["path"]), mask if isinstance(mask, str) and mask else None,
-                          float(ds) if ds is not None and not pd.isna(ds) else None))
+                          float(ds) if ds is not None and not pd.isna(ds) else None, row_mpp(row, args.slide_mpp)))
     for entry in args.slides or []:
         path = Path(entry)
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES) if path.is_dir() else [path]
-        items.extend((p.stem, str(p), None, None) for p in files)
-    return items
+        items.extend((p.stem, str(p), None, None, args.slide_mpp) for p in files)
+    targets = output_paths([it[0] for it in items], out, ".h5", source, lines if not args.slides else None)
+    return [(*item, target) for item, target in zip(items, targets)]
 
 
 def _cmd_tile(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from milstudy.data.slides import SlideError, open_slide
+    from milstudy.data.manifests import MPP_HINT
+    from milstudy.data.slides import SlideError, SlideResolutionError, open_slide
     from milstudy.data.synthetic import instance_labels
     from milstudy.data.tiling import multiscale_grid, save_grid, tile_slide
     from milstudy.data.tissue import segment_tissue
+    from milstudy.features import describe_error
 
     if not args.slides and not args.manifest:
         print("error: pass --slides FILE|DIR ... or --manifest M [--slide-root R]", file=sys.stderr)
         return 2
-    items = _collect_slides(args)
     out = Path(args.out)
+    items = _collect_slides(args, out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for slide_id, path, mask_path, mask_ds in tqdm(items, desc="tiling", unit="slide"):
+    for slide_id, path, mask_path, mask_ds, mpp, target in tqdm(items, desc="tiling", unit="slide"):
         record = {"slide_id": slide_id, "path": path, "status": "ok", "n_patches": 0, "n_low": None,
                   "n_tumour": None, "message": ""}
         try:
-            slide = open_slide(path, mpp=args.slide_mpp)
+            try:
+                slide = open_slide(path, mpp=mpp)
+            except SlideResolutionError as err:
+                raise SlideResolutionError(str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)) from None
             mask = segment_tissue(slide)
             if args.multiscale:
                 ms = multiscale_grid(slide, args.mpp, args.patch_size, args.low_factor, args.min_tissue, mask, slide_id=slide_id)
@@ -97,28 +108,36 @@ def _cmd_tile(args: argparse.Namespace) -> int:
                 record["n_tumour"] = int(labels.sum())
             if args.multiscale:
                 datasets["main_to_low"] = ms.main_to_low
-            save_grid(out / f"{slide_id}.h5", grid, datasets, low=low)
+            save_grid(target, grid, datasets, low=low)
             record["n_patches"] = len(grid)
             if grid.is_empty:
                 record["status"], record["message"] = "empty", "no tissue patches at these settings"
         except (SlideError, FileNotFoundError) as err:
             record["status"], record["message"] = "unreadable", str(err)
+        except Exception as err:  # noqa: BLE001 - MemoryError, a full disk...: record it, go on, write the summary
+            record["status"], record["message"] = "error", describe_error(err)
         records.append(record)
-    summary = pd.DataFrame.from_records(records)
+    summary = pd.DataFrame.from_records(records, columns=["slide_id", "path", "status", "n_patches", "n_low",
+                                                          "n_tumour", "message"])
     tmp = out / ".tiling_summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(out / "tiling_summary.csv")
     headline = (f"tiled {int((summary['status'] == 'ok').sum())}/{len(summary)} slides, "
                 f"{int(summary['n_patches'].sum())} patches -> {out}")
-    return report_slide_statuses(summary, headline, failing=("unreadable",))
+    return report_slide_statuses(summary, headline, failing=("unreadable", "error"))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from milstudy.data.manifests import check_slides
 
-    report = check_slides(args.manifest, args.slide_root)
+    report = check_slides(args.manifest, args.slide_root, slide_mpp=args.slide_mpp,
+                          allow_outside_root=args.allow_outside_root)
     n_ok = int((report["status"] == "ok").sum())
-    return report_slide_statuses(report, f"{n_ok}/{len(report)} slides ok")
+    code = report_slide_statuses(report, f"{n_ok}/{len(report)} slides ok")
+    notes = report[(report["status"] == "ok") & (report["message"] != "")]
+    for _, row in notes.iterrows():
+        print(f"  note: {row['slide_id']} ({row['path']}): {row['message']}")
+    return code
 
 
 def _cmd_masks(args: argparse.Namespace) -> int:
@@ -192,11 +211,16 @@ def add_commands(subparsers) -> None:
     p.add_argument("--min-tissue", type=float, default=0.5)
     p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of level 0 for slides without metadata")
     p.add_argument("--out", required=True, help="output folder for <slide_id>.h5 + tiling_summary.csv")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept manifest paths that climb out of --slide-root with '..'")
     p.set_defaults(func=_cmd_tile)
 
     p = sub.add_parser("check", help="list missing / unreadable slides of a manifest (exit 1 if any)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--slide-root", default=None)
+    p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of level 0 for slides without metadata")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept manifest paths that climb out of --slide-root with '..'")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("masks", help="lesion annotations (ASAP / CAMELYON XML) -> tumour masks + manifest")

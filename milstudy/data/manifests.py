@@ -381,31 +381,51 @@ def _opener():
 
 
 def check_slides(
-    manifest: str | os.PathLike | pd.DataFrame, slide_root: str | os.PathLike | None = None, progress: bool = True
+    manifest: str | os.PathLike | pd.DataFrame, slide_root: str | os.PathLike | None = None, progress: bool = True,
+    slide_mpp: float | None = None, allow_outside_root: bool = False,
 ) -> pd.DataFrame:
-    """Try to open every slide of a manifest.
+    """Open every slide of a manifest the way tiling will (same resolution rule, :func:`row_mpp`, and the level
+    tissue segmentation reads).
 
     Returns a DataFrame with ``slide_id``, ``path`` (resolved), ``status`` (``ok`` / ``missing`` /
-    ``unreadable``) and ``message`` (the reader's error for unreadable slides).
+    ``unreadable`` / ``duplicate file``: one file under two slide_ids, a train/test leak) and ``message``
+    (the reader's error; for ok rows a note such as "absolute path outside the slide root").
     """
     from tqdm.auto import tqdm
 
-    df = resolve_paths(load_manifest(manifest, require=("slide_id", "path")), slide_root)
+    source = None if isinstance(manifest, pd.DataFrame) else str(manifest)
+    df = resolve_paths(load_manifest(manifest, require=("slide_id", "path")), slide_root,
+                       allow_outside_root=allow_outside_root, source=source)
+    root = _env_slide_root(slide_root)
     opener = _opener()
     records = []
-    for slide_id, path in tqdm(
-        zip(df["slide_id"], df["path"]), total=len(df), desc="checking slides", unit="slide", disable=not progress
-    ):
+    first_of: dict[str, str] = {}
+    for (_, row), slide_id, path in tqdm(zip(df.iterrows(), df["slide_id"], df["path"]), total=len(df),
+                                         desc="checking slides", unit="slide", disable=not progress):
         status, message = "ok", ""
         if not os.path.exists(path):
             status, message = "missing", "file not found"
         else:
+            key = os.path.realpath(path)
+            if key in first_of:
+                status, message = "duplicate file", (f"same file as slide '{first_of[key]}' ({key}); one slide under "
+                                                     "two slide_ids leaks between splits: keep one row")
+            else:
+                first_of[key] = slide_id
             try:
-                slide = opener(path)
+                mpp = row_mpp(row, slide_mpp)
+                slide = opener(path, mpp=mpp) if opener.__name__ == "open_slide" else opener(path)
+                if hasattr(slide, "level_dimensions") and hasattr(slide, "mpp"):
+                    from milstudy.data.tissue import check_segmentation_level, choose_mask_level
+
+                    check_segmentation_level(slide, choose_mask_level(slide))
                 close = getattr(slide, "close", None)
                 if close is not None:
                     close()
             except Exception as err:  # any reader failure is a finding, not a crash
-                status, message = "unreadable", f"{type(err).__name__}: {err}".strip()
+                text = str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)
+                status, message = "unreadable", f"{type(err).__name__}: {text}".strip()
+        if status == "ok" and root is not None and is_outside(path, root):
+            message = f"absolute path outside the slide root {root}"
         records.append({"slide_id": slide_id, "path": path, "status": status, "message": message})
     return pd.DataFrame.from_records(records, columns=["slide_id", "path", "status", "message"])

@@ -43,6 +43,22 @@ def choose_mask_level(slide: Slide, max_size: int = 4096, min_mpp: float = 2.0) 
     return slide.level_count - 1
 
 
+MAX_SEGMENTATION_PIXELS = 64 * 1024 * 1024  # 64 Mpx (~200 MB RGB): the most segmentation reads at once
+
+
+def check_segmentation_level(slide: Slide, level: int, max_size: int = 4096) -> None:
+    """Refuse (``SlideError``) a segmentation level too large to read whole, e.g. a single-level 100,000 px
+    header: segmentation reads a bounded view, never a whole level 0."""
+    from milstudy.data.slides import SlideError
+
+    w, h = slide.level_dimensions[level]
+    if w * h > max(MAX_SEGMENTATION_PIXELS, max_size * max_size):
+        raise SlideError(
+            f"{slide.path}: its smallest usable level {level} is {w} x {h} px, too large to segment (limit "
+            f"{MAX_SEGMENTATION_PIXELS // 2**20} Mpx); the file has no low-resolution pyramid level or an "
+            "implausible header: re-export it as a pyramidal TIFF")
+
+
 def segment_tissue(
     slide_or_thumb: Slide | np.ndarray,
     *,
@@ -69,6 +85,7 @@ def segment_tissue(
     if isinstance(slide_or_thumb, Slide):
         slide = slide_or_thumb
         level = choose_mask_level(slide, max_size, min_mask_mpp)
+        check_segmentation_level(slide, level, max_size)
         rgb = slide.read_level(level)
         w0, h0 = slide.dimensions
         downsample = (w0 / rgb.shape[1], h0 / rgb.shape[0])
