@@ -33,8 +33,7 @@ from milstudy import paths
 from milstudy.provenance import device_line, environment_info, now_iso, read_run_json, write_json_atomic
 from milstudy.studies import (
     Study, StudyError, check_profile, load_studies, notebook_parameters, parse_cli_parameters, parse_shard,
-    resolve_parameters, select_studies, shard,
-)
+    resolve_parameters, select_studies, shard, budget_line, last_recorded_run)
 
 DEFAULT_KERNEL = "milstudy"  # installed into .venv by `make venv` (ipykernel install --sys-prefix)
 ENV_OUTPUT_DIR = "MILSTUDY_OUTPUT_DIR"
@@ -485,6 +484,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 continue
             resolved = resolve_parameters(study, args.profile, declared=notebook_parameters(study.path))
             print("    " + "  ".join(f"{k}={v!r}" for k, v in resolved.items()))
+            results_dir = Path(args.results_root or paths.results_root()) / args.profile
+            print("    " + budget_line(study, args.profile, last_recorded_run(results_dir, study.stem)))
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

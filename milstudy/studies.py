@@ -48,6 +48,7 @@ class Study:
     title: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget_min: dict[str, float] = field(default_factory=dict)  # wall-time budget per profile, minutes
 
 
 # ----------------------------------------------------------------------------------------- studies.yaml
@@ -79,6 +80,10 @@ def load_studies(studies_file: Path, notebooks_dir: Path | None = None) -> dict[
                 raise StudyError(f"{where}.profiles: unknown profile {name!r}; known profiles: {', '.join(PROFILES)}")
             if overrides is not None and not isinstance(overrides, dict):
                 raise StudyError(f"{where}.profiles.{name}: expected a mapping of parameter overrides")
+        budgets = entry.get("budget_min") or {}
+        if not isinstance(budgets, dict) or any(k not in PROFILES for k in budgets) or \
+                not all(isinstance(v, (int, float)) and v > 0 for v in budgets.values()):
+            raise StudyError(f"{where}.budget_min: expected {{profile: minutes > 0}} for profiles {', '.join(PROFILES)}")
         studies[str(stem)] = Study(
             stem=str(stem),
             path=notebooks_dir / f"{stem}.ipynb",
@@ -86,6 +91,7 @@ def load_studies(studies_file: Path, notebooks_dir: Path | None = None) -> dict[
             title=str(entry.get("title", "")),
             parameters=dict(parameters),
             profiles={k: dict(v or {}) for k, v in profiles.items()},
+            budget_min={k: float(v) for k, v in budgets.items()},
         )
     return studies
 
@@ -287,3 +293,32 @@ def resolve_parameters(
             merged[name] = value
     merged["profile"] = profile
     return merged
+
+
+def last_recorded_run(results_dir: Path, stem: str) -> dict[str, Any] | None:
+    """``run.json`` of the last successful run of notebook ``stem`` under ``results_dir`` (``results/<profile>``), or
+    None when it has not run there."""
+    import json
+
+    path = Path(results_dir) / stem / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def budget_line(study: Study, profile: str, record: dict[str, Any] | None) -> str:
+    """``budget 12 min; last run 7.1 min at <commit>`` (``OVER BUDGET`` when the recorded run took longer)."""
+    budget = study.budget_min.get(profile)
+    parts = [f"budget {budget:g} min" if budget else "no budget"]
+    if record and isinstance(record.get("wall_time_s"), (int, float)):
+        minutes = record["wall_time_s"] / 60
+        commit = str((record.get("git") or {}).get("commit", ""))[:9] or "unknown commit"
+        parts.append(f"last run {minutes:.1f} min at {commit}")
+        if budget and minutes > budget:
+            parts.append("OVER BUDGET")
+    else:
+        parts.append("not run yet")
+    return "; ".join(parts)

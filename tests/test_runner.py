@@ -360,3 +360,18 @@ def test_sigterm_removes_the_temporary_folder_and_exits_130(tmp_path):
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
     assert not list(results.rglob(".tmp*")) and not (results / "smoke" / "slow").exists()
+
+
+def test_list_shows_each_notebooks_budget_and_last_recorded_wall_time(tmp_path, capsys):
+    """`milstudy list` prints the profile's budget and the last recorded run's wall time, flagging overruns."""
+    import json
+
+    from milstudy.studies import Study, budget_line, last_recorded_run
+
+    study = Study("nb", tmp_path / "nb.ipynb", budget_min={"cpu": 2.0})
+    assert budget_line(study, "cpu", None) == "budget 2 min; not run yet"
+    (tmp_path / "cpu" / "nb").mkdir(parents=True)
+    (tmp_path / "cpu" / "nb" / "run.json").write_text(json.dumps({"wall_time_s": 150.0, "git": {"commit": "abcdef123456"}}))
+    record = last_recorded_run(tmp_path / "cpu", "nb")
+    assert budget_line(study, "cpu", record) == "budget 2 min; last run 2.5 min at abcdef123; OVER BUDGET"
+    assert budget_line(study, "smoke", record).startswith("no budget; last run 2.5 min")
