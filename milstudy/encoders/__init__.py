@@ -12,6 +12,8 @@ Names (see ``list_encoders()``):
 - ``vit_small_patch16``: timm ``vit_small_patch16_224`` (384-d), ``img_size`` configurable, CLS or mean token.
 - ``tiny_cnn`` / ``tiny_cnn_full``: a small ResNet-style CNN for the 2-core CPU profile (4 stages 16/32/64/128,
   BN + ReLU, stride-2 stem); ``tiny_cnn`` drops the last stage ("truncation", 64-d), ``tiny_cnn_full`` keeps it (128-d).
+- ``timm:<arch>`` (any timm architecture + a local weights file) and the presets ``uni``, ``h_optimus_0``,
+  ``h0_mini``, ``virchow``, ``ctranspath_like`` (``milstudy.encoders.timm_encoders``).
 - ``descriptor_mlp``: an MLP over descriptor vectors ``[K, d]`` (the cheap synthetic tier, no images).
 """
 
@@ -25,6 +27,7 @@ from milstudy.encoders.core import (
     file_sha256,
     list_encoders,
     load_encoder_weights,
+    read_checkpoint,
     register_encoder,
 )
 
@@ -36,5 +39,6 @@ __all__ = [
     "file_sha256",
     "list_encoders",
     "load_encoder_weights",
+    "read_checkpoint",
     "register_encoder",
 ]
