@@ -73,3 +73,63 @@ def test_attention_evolution_panel():
     assert len(fig.axes[0].patches) == 3  # the tumour patches outlined
     with pytest.raises(ValueError, match="common"):
         plots.attention_evolution({"a": {0: snaps["ABMIL"][0]}, "b": {1: snaps["ABMIL"][1]}}, coords, 32)
+
+
+# ------------------------------------------------------------------------------------ intervals and claims
+def test_metric_table_plot_clips_labels_and_marks_chance():
+    table = pd.DataFrame({"model": ["a"] * 5 + ["b"] * 5,
+                          "test_auc": [0.99, 1.0, 0.97, 1.0, 0.92, 0.6, 0.5, 0.7, 0.55, 0.65]})
+    ax = plots.metric_table_plot(table, "test_auc", "model").axes[0]
+    assert "mean ± 95 % CI over 5 seeds" in ax.get_ylabel()
+    bars = [line for line in ax.lines if not line.get_label().startswith("chance")]  # bar + caps, NaN-separated
+    assert len(bars) == 2
+    assert np.nanmax(bars[0].get_ydata()) == pytest.approx(1.0)  # model a's t-interval runs past 1 unclipped
+    assert np.nanmax(bars[1].get_ydata()) == pytest.approx(0.6 + 2.7764451051977987 * np.std(
+        [0.6, 0.5, 0.7, 0.55, 0.65], ddof=1) / np.sqrt(5))
+    chance = [line for line in ax.lines if line.get_label() == "chance (0.5)"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.5, 0.5]
+
+
+def test_interval_helpers():
+    assert plots.error_bar_label(5) == "mean ± 95 % CI over 5 seeds"
+    assert plots.error_bar_label([3, 5], 0.9) == "mean ± 90 % CI over 3-5 seeds"
+    low, high = plots.clip_interval([-0.1, 0.4], [0.7, 1.2], "val_c_index")
+    assert low.tolist() == [0.0, 0.4] and high.tolist() == [0.7, 1.0]
+    assert plots.clip_interval([-3.0], [2.0], "risk")[0].tolist() == [-3.0]  # unbounded metric untouched
+    assert plots.chance_level("test_auc_mean") == 0.5 and plots.chance_level("accuracy") is None
+
+
+def test_forest_plot_of_a_claims_table():
+    table = pd.DataFrame({"claim": ["A beats B", "A sparser than B"], "metric": ["auc", "sparsity"],
+                          "difference": [0.1, -0.02], "ci_low": [0.05, -0.06], "ci_high": [0.15, 0.01],
+                          "verdict_ci_low": [0.03, -0.08], "verdict_ci_high": [0.17, 0.03],
+                          "verdict": ["supported", "inconclusive"], "level": [0.95, 0.95]})
+    ax = plots.forest_plot(table).axes[0]
+    ticks = {t.get_text(): y for t, y in zip(ax.get_yticklabels(), ax.get_yticks())}
+    assert ticks == {"A beats B [auc]": 1, "A sparser than B [sparsity]": 0}  # first claim on top
+    assert any(list(line.get_xdata()) == [0.0, 0.0] for line in ax.lines)  # the zero line
+    thick = [line for line in ax.lines if line.get_linewidth() == 4]
+    assert [list(line.get_xdata()) for line in thick] == [[0.05, 0.15], [-0.06, 0.01]]
+    assert thick[0].get_color() == plots.VERDICT_COLOURS["supported"]
+    assert {t.get_text() for t in ax.texts} == {"supported", "inconclusive"}
+    assert "95 % CI" in ax.get_xlabel()
+    with pytest.raises(ValueError, match="table lacks"):
+        plots.forest_plot(table.drop(columns="verdict"))
+
+
+def test_attention_mass_scale_shows_peakedness_and_auroc_is_written():
+    coords = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2) * 32
+    labels = (np.arange(16) < 4).astype(int)
+    flat = np.full(16, 1 / 16)
+    np.testing.assert_allclose(plots.attention_colour(flat, "mass"), 0.5)  # uniform = mid-scale
+    assert np.ptp(plots.rank_percentile(flat)) == 0
+    peaked = np.r_[np.full(4, 0.24), np.full(12, 0.04 / 12)]
+    colour = plots.attention_colour(peaked, "mass")
+    assert colour[0] == pytest.approx((np.log10(0.24 * 16) + 2) / 4) and colour[-1] < 0.5
+    ax = plots.attention_grid_map(coords, peaked, 32, labels, scale="mass", colorbar=True).axes[0]
+    assert np.nanmax(ax.images[0].get_array()) == pytest.approx(colour[0])
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["instance AUROC 1.00 · top 10 % of patches: 48 % of attention"]
+    assert "uniform" in ax.figure.axes[-1].get_ylabel()  # the mass colour bar
+    with pytest.raises(ValueError, match="scale must be"):
+        plots.attention_colour(flat, "log")
