@@ -109,3 +109,32 @@ def test_pinned_timm_vit_blocks_take_an_attention_mask():
         masked = block(x, attn_mask=mask)[:, :3]
         trimmed = block(x[:, :3])
     torch.testing.assert_close(masked, trimmed, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_vit_checkpoint_at_224_loads_from_a_dino_teacher_file_and_runs_on_256_px(tmp_path):
+    """A DINO-style file ({'teacher': {'backbone.<key>': ...}}) of a 224-px ViT loads into the same architecture
+    at 256 px: the key is selected, the prefix stripped and pos_embed resampled (timm's checkpoint filter)."""
+    import timm
+
+    source = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=224).eval()
+    teacher = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "dino.pth"
+    torch.save({"teacher": teacher, "student": teacher, "epoch": 3}, path)
+    with pytest.raises(Exception, match="weights_key"):
+        build_encoder("timm:vit_small_patch16_224", weights=path, img_size=256)
+    encoder = build_encoder("timm:vit_small_patch16_224", weights=path, weights_key="teacher", img_size=256).eval()
+    with torch.no_grad():
+        out = encoder(torch.rand(2, 3, 256, 256))
+    assert out.shape == (2, 384)
+    loaded = dict(encoder.named_parameters())
+    block = next(k for k in loaded if k.endswith("blocks.0.attn.qkv.weight"))
+    torch.testing.assert_close(loaded[block], source.state_dict()["blocks.0.attn.qkv.weight"])  # weights arrived
+
+
+def test_uni_preset_has_the_published_vit_large_shapes():
+    """UNI (vit_large_patch16_224, MahmoodLab model card): 1024-d, 24 blocks, pos_embed (1, 197, 1024)."""
+    with torch.device("meta"):
+        encoder = build_encoder("uni")
+    state = {k.removeprefix("trunk."): v.shape for k, v in encoder.state_dict().items()}
+    assert encoder.out_dim == 1024
+    assert state["pos_embed"] == (1, 197, 1024) and state["blocks.23.mlp.fc1.weight"] == (4096, 1024)

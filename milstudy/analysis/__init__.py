@@ -8,4 +8,7 @@
 - ``sampling_noise``: P(no tumour patch among s sampled), closed form vs measured.
 - ``collapse``: summary of the E2E collapse phase diagram (the runs are ``milstudy.papers.abmilx_collapse``).
 - ``tracking``: per-epoch attention snapshots of fixed slides and the tidy tables built from them.
+- ``stats``: seed summaries (t-intervals, ddof=1), paired hierarchical-bootstrap differences over seeds and test
+  slides, paired t, sign-flip test (>= 6 seeds), Holm, minimum detectable effect.
+- ``claims``: ``Claim`` and ``claims_table`` (difference, interval, Holm-widened verdict interval, verdict), ``save_claims``.
 """
