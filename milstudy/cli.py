@@ -11,7 +11,7 @@ import importlib
 import sys
 
 _COMMAND_MODULES = (
-    "milstudy.runner",  # run, list, report
+    "milstudy.runner_cli",  # run, list, report
     "milstudy.data.cli",  # data synth | tile | check
     "milstudy.features",  # features extract
     "milstudy.bench",  # bench

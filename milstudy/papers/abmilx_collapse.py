@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,9 @@ import pandas as pd
 from milstudy.analysis.collapse import summarize_collapse
 from milstudy.analysis.risk import mass_on_tumour
 from milstudy.analysis.sampling_noise import p_no_witness_without_replacement
+
+if TYPE_CHECKING:
+    from milstudy.train.e2e import E2EConfig
 
 __all__ = ["PhaseCohort", "collapse_grid", "phase_splits", "summarize_collapse"]
 
