@@ -17,6 +17,7 @@ from milstudy.models.base import (
 )
 from milstudy.models.layers import PAD_LOGIT, masked_softmax
 from milstudy.models import abmil, abmilx, clam, dsmil, pooling, transformer_mil, transmil  # noqa: F401,E402  (registration)
+from milstudy.models import asmil  # noqa: F401,E402  (registration; after the bases it wraps)
 
 __all__ = [
     "PAD_LOGIT",
