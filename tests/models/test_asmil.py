@@ -1,0 +1,52 @@
+"""ASMIL and the anchor plug-in (spec asmil.md §6): first invariants; more are listed in the branch report."""
+
+from __future__ import annotations
+
+import torch
+
+from milstudy.models import build_model
+from milstudy.models.anchor import kl_to_online, nsf
+
+
+def test_anchor_params_are_not_parameters_and_get_no_grad():
+    torch.manual_seed(0)
+    model = build_model("abmil_anchor_nsf", 16, 2).train()
+    anchor_ids = {id(b) for b in model.anchor.buffers()}
+    assert not anchor_ids & {id(p) for p in model.parameters()}
+    out = model(torch.randn(2, 7, 16))
+    (out.logits.sum() + out.aux_losses["anchor_kl"]).backward()
+    assert all(not b.requires_grad and b.grad is None for b in model.anchor.buffers())
+
+
+def test_beta_zero_copies_online_and_beta_one_keeps_anchor():
+    for beta, same in [(0.0, True), (1.0, False)]:
+        torch.manual_seed(0)
+        model = build_model("abmil_anchor", 16, 2, anchor_beta=beta)
+        with torch.no_grad():
+            for p in model.online.parameters():
+                p.add_(1.0)
+        model.after_optimizer_step()
+        online = dict(model.online.named_parameters())
+        assert all(torch.equal(b, online[n]) == same for n, b in model.anchor.named_buffers())
+
+
+def test_kl_gradient_closed_form_float64():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    target = nsf(torch.randn(2, 3, 5, dtype=torch.float64, generator=gen), mask, eps=0.0)
+    kl_to_online(target, logits, mask).backward()
+    torch.testing.assert_close(logits.grad, (torch.softmax(logits.detach(), -1) - target) / 6)
+
+
+def test_eval_returns_online_output_and_exact_drop_count():
+    torch.manual_seed(0)
+    model = build_model("asmil", 16, 2, n_tokens=8, n_drop=3)
+    x = torch.randn(2, 7, 16)
+    model.train()
+    keep = model(x).extras["token_keep"]
+    assert (keep.sum(-1) == 5).all()
+    model.eval()
+    out = model(x)
+    assert out.aux_losses == {} and out.extras["token_keep"].all()
+    torch.testing.assert_close(out.logits, model.online(x).logits)
