@@ -163,7 +163,10 @@ def build_asmil(in_dim: int, n_out: int, **kwargs):
     return build_anchored(lambda: ASMILNet(in_dim, n_out, **base), **anchor)
 
 
-ANCHOR_BASES = ("abmil", "abmil_gated", "clam_sb", "transmil", "dsmil", "abmilx")
+# DSMIL is not registered yet: wrapped at the default anchor_lambda = 1 it reaches 0.865 on the zoo's toy problem
+# (0.990 at lambda = 0), below the zoo's 0.95 bar; its per-class attention against one anchor target needs its own
+# look (issue 12). AnchoredMIL(build_model("dsmil", ...)) still works for experiments.
+ANCHOR_BASES = ("abmil", "abmil_gated", "clam_sb", "transmil", "abmilx")
 
 
 def _register_plugin(base_name: str, target: str, suffix: str) -> None:

@@ -12,7 +12,8 @@ IN_DIM = 16
 
 # Size overrides for the zoo-wide tests. TransMIL's default 256 landmarks pad every tiny test bag to 256 tokens
 # and invert 256 x 256 kernels per head (seconds per call on 2 cores); dim=64 gives 32 landmarks, same code path.
-TEST_KWARGS: dict[str, dict] = {"transmil": {"dim": 64}, "vitmil": {"dim": 64}, "qamil": {"dim": 64}}
+TEST_KWARGS: dict[str, dict] = {"transmil": {"dim": 64}, "vitmil": {"dim": 64}, "qamil": {"dim": 64},
+                                "transmil_anchor": {"dim": 64}, "transmil_anchor_nsf": {"dim": 64}}
 
 
 def make_toy_bags(n_bags: int, n_instances: int = 10, dim: int = IN_DIM, seed: int = 0):

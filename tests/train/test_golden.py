@@ -25,6 +25,18 @@ from milstudy.train.two_stage import TrainConfig, seed_everything, train_two_sta
 GOLDEN = json.loads((FIXTURES / "golden_metrics.json").read_text())["runs"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The record was made with 1 torch thread; float reductions (and so the 1e-6 match) depend on it, whatever an
+    earlier test in this worker left set."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _summary(result) -> dict:
     return {"train_loss": list(result.history["train_loss"]), "val_loss": list(result.history["val_loss"]),
             "best_epoch": int(result.best_epoch), "test": G._clean(result.test_metrics),
