@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from milstudy.cli import main
-from milstudy.data.bags import BagDataset, BagError, BagListDataset, Bag, validate_bags
+from milstudy.data.bag_checks import validate_bags
+from milstudy.data.bags import BagDataset, BagError, BagListDataset, Bag
 from milstudy.data.slides import write_pyramidal_tiff
 from milstudy.train.tasks import ClassificationTask, LabelError, build_task
 

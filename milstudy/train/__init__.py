@@ -1,8 +1,9 @@
 """Training: the one loop, its steps, tasks (heads' losses and metrics), metrics, checkpoints and cross-validation.
 
 - ``loop``: ``fit(step, config) -> FitResult``, the one training loop (optimizer, schedule, EMA, validation-only
-  selection, early stopping, checkpoints + exact resume, DDP stop decisions); ``LoopConfig`` (the shared fields),
-  the ``TrainingStep`` protocol, ``EvalResult``, ``EMA``, ``cosine_schedule``, ``seed_everything``.
+  selection, early stopping, checkpoints + exact resume, DDP stop decisions), the ``TrainingStep`` protocol,
+  ``EvalResult``; ``config``: ``LoopConfig`` (the shared fields), ``resolve_device``; ``optim``: ``EMA``,
+  ``cosine_schedule``, ``build_optimizer``, ``seed_everything``.
 - ``two_stage``: ``TrainConfig``, ``BagStep`` (feature bags), ``train_two_stage``, ``evaluate``, ``attention_of``.
 - ``e2e``: ``E2EConfig``, ``E2EStep`` (sampled patches, encoder + aggregator), ``train_e2e``; ``e2e_cli`` its
   command line (also under torchrun).

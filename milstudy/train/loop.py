@@ -25,15 +25,10 @@ encoder + aggregator). A new training path (a memory bank, a contrastive step) i
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import math
-import random
 import time
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
@@ -45,136 +40,11 @@ from tqdm.auto import tqdm
 
 from milstudy.train import checkpoint as ckpt
 from milstudy.train import distributed as dist_utils
+from milstudy.train.config import LoopConfig, resolve_device  # noqa: F401 (part of the loop's API)
+from milstudy.train.optim import (EMA, build_optimizer, cosine_schedule, lr_multiplier,  # noqa: F401
+                                  seed_everything, trainable_parameters)
 
 log = logging.getLogger("milstudy.train")
-
-
-# ------------------------------------------------------------------------------------------------------ config
-@dataclass
-class LoopConfig:
-    """The fields every training path shares (defaults: specs/abmilx.md §5.5, profile S).
-
-    optimizer: "adamw" | "adam"; lr, weight_decay, betas. epochs: maximum number of epochs.
-    warmup_epochs: linear warmup length in epochs (may be fractional). schedule: "cosine" | "constant";
-        schedule_unit: "step" (lr updated every optimisation step) | "epoch"; min_lr_ratio: final lr / lr.
-    grad_clip: max global gradient norm (None = off). amp: fp16 autocast + GradScaler, used only on CUDA.
-    ema_decay: weight EMA (e.g. 0.9997) or None; the EMA model is scored as a secondary model.
-    monitor: validation metric for selection / early stopping: "auto" (the task's primary metric), "loss", or a
-        metric name. patience: epochs without a strictly better value before stopping (None = never);
-        min_epochs: never stop before this many epochs.
-    seed: every random draw of the run. device: "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1".
-    checkpoint_dir: where rank 0 writes a checkpoint every ``checkpoint_every`` epochs and the best weights (None
-        = best weights kept in memory only); resume: continue from the latest checkpoint there.
-    snapshot_slides: slide ids whose eval-mode attention is recorded (epoch 0 and every ``snapshot_every``
-        epochs; only features are read, never labels). save_attention: keep per-slide attention of the final
-        evaluations. quiet: no progress bar; log_every: log a history line every n epochs (0 = off).
-    """
-
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    epochs: int = 30
-    warmup_epochs: float = 2.0
-    schedule: str = "cosine"
-    schedule_unit: str = "step"
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = None
-    amp: bool = False
-    ema_decay: float | None = None
-    monitor: str = "auto"
-    patience: int | None = None
-    min_epochs: int = 0
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_dir: str | Path | None = None
-    resume: bool = True
-    checkpoint_every: int = 1
-    snapshot_slides: Sequence[str] = ()
-    snapshot_every: int = 1
-    save_attention: bool = True
-    quiet: bool = False
-    log_every: int = 0
-
-    # fields that change how a run executes, not what it computes: they may differ on resume
-    RUNTIME_FIELDS = ("device", "num_workers", "quiet", "checkpoint_dir", "resume", "checkpoint_every", "log_every",
-                      "eval_chunk", "eval_batch_size")
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"{name}.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"{name}.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.schedule_unit not in ("step", "epoch"):
-            raise ValueError(f"{name}.schedule_unit must be 'step' or 'epoch', got {self.schedule_unit!r}")
-        if self.epochs < 1:
-            raise ValueError(f"{name}.epochs must be >= 1, got {self.epochs}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"{name}.patience must be >= 1 or None, got {self.patience}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"{name}.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
-        if isinstance(self.snapshot_slides, str):
-            raise ValueError(f"{name}.snapshot_slides must be a list of slide ids, not the string "
-                             f"{self.snapshot_slides!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["checkpoint_dir"] = str(self.checkpoint_dir) if self.checkpoint_dir is not None else None
-        out["snapshot_slides"] = list(self.snapshot_slides)
-        out["betas"] = list(self.betas)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]):
-        """A config from plain values (YAML, JSON); unknown fields are an error listing the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            if not _matches(value, hints.get(key)):
-                raise ValueError(f"{cls.__name__}.{key} must be {_type_name(hints[key])}, got {value!r}")
-        return cls(**values)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a plain value (from YAML / the command line) fits a simple annotation; other annotations pass."""
-    if hint is None or hint is Any:
-        return True
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for option in options:
-        if option is type(None) and value is None:
-            return True
-        if option is bool and isinstance(value, bool):
-            return True
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if option is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
-            return True
-        if option is str and isinstance(value, str):
-            return True
-        if option not in (bool, int, float, str, type(None)):
-            return True  # containers, paths, ...: checked where used
-    return False
-
-
-def _type_name(hint: Any) -> str:
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    return " or ".join("None" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; any other name as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------------------------------------ results
@@ -304,72 +174,6 @@ class TrainingStep(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict` on resume."""
-
-
-# ----------------------------------------------------------------------------------------------- shared pieces
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], config: LoopConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW from ``config`` (lr, weight_decay, betas)."""
-    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    # foreach: one fused kernel per step over all parameters (PyTorch only enables it by default on CUDA)
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.betas), foreach=True)
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer gets: those with ``requires_grad`` (frozen encoders and EMA anchors stay out)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def cosine_schedule(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
-    """LR multiplier at ``step`` (0-based): linear warmup ``(step+1)/warmup_steps``, then a half cosine from 1 to
-    ``min_ratio`` reached at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_multiplier(config: LoopConfig, step: int, epoch: int, steps_per_epoch: int) -> float:
-    """The schedule's multiplier before optimisation step ``step`` (0-based, counted over the run) of ``epoch``
-    (1-based): its unit index is ``step`` (schedule_unit "step") or ``epoch - 1`` ("epoch")."""
-    per_unit = steps_per_epoch if config.schedule_unit == "step" else 1
-    unit = step if config.schedule_unit == "step" else epoch - 1
-    warmup = int(round(config.warmup_epochs * per_unit))
-    if config.schedule == "constant":
-        return min(1.0, (unit + 1) / warmup) if warmup > 0 else 1.0
-    return cosine_schedule(unit, per_unit * config.epochs, warmup, config.min_lr_ratio)
-
-
-class EMA:
-    """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * weights``.
-
-    Floating-point parameters and buffers are averaged; integer buffers (e.g. BatchNorm counters) are copied.
-    ``ema.module`` is an eval-mode copy to evaluate like any model.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        source = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(self.decay).add_(source[name].detach(), alpha=1.0 - self.decay)
-            else:
-                value.copy_(source[name])
 
 
 def task_loss(task: Any, output: Any, targets: torch.Tensor) -> StepLoss:

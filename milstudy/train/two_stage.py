@@ -5,7 +5,7 @@ the one loop (``milstudy.train.loop.fit``: optimizer, schedule, EMA, validation-
 checkpoints and exact resume). The step:
 
 - fits the task on the training targets (survival bins, class weights) and checks the labels of every split and
-  every bag's features (finite, non-empty; ``milstudy.data.bags.validate_bags``) before training;
+  every bag's features (finite, non-empty; ``milstudy.data.bag_checks.validate_bags``) before training;
 - visits the training bags each epoch (optionally class-balanced oversampled, ``oversampling.py``) in an order drawn
   from a generator seeded by ``(seed, epoch)``; batch 1 feeds variable-size bags as they are, batch > 1 pads and
   masks them (``milstudy.data.bags.collate_bags``);
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from milstudy.data.bags import validate_bags
+from milstudy.data.bag_checks import validate_bags
 from milstudy.train.loop import (EvalResult, FitResult, LoopConfig, LoopState, StepLoss, fit, resolve_device,
                                  seed_everything, task_loss)
 from milstudy.train.oversampling import oversample_indices
