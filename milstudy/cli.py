@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "milstudy.data.cli",  # data synth | tile | check
     "milstudy.features",  # features extract
     "milstudy.bench",  # bench
+    "milstudy.train.two_stage_cli",  # train, eval (two-stage, feature bags)
 )
 
 

@@ -1,0 +1,197 @@
+"""``milstudy train`` / ``milstudy eval`` on tiny synthetic feature bags written in our HDF5 layout."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from milstudy.cli import main
+from milstudy.train.two_stage_inputs import resolve_device_name
+
+N_SLIDES, DIM = 36, 8
+FAST = ["--model", "abmil", "--epochs", "10", "--lr", "1e-3", "--set", "warmup_epochs=0", "--quiet"]
+
+
+def _write_bag(path, features):
+    coords = np.stack([np.arange(len(features)) * 256, np.zeros(len(features))], 1).astype(np.int64)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("features", data=features.astype(np.float32))
+        handle.create_dataset("coords", data=coords)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """36 slides (18 positive: 4 of their instances shifted by +2 in features 0-3), 2 slides per case, a split column."""
+    root = tmp_path_factory.mktemp("cohort")
+    features = root / "features"
+    features.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N_SLIDES):
+        label = i % 2
+        bag = rng.normal(size=(int(rng.integers(6, 14)), DIM))
+        if label:
+            bag[:4, :4] += 2.0
+        sid = f"s{i:02d}"
+        _write_bag(features / f"{sid}.h5", bag)
+        case = i // 4 * 2 + label  # slides 4k, 4k+2 share a case (negative), 4k+1, 4k+3 too (positive)
+        split = ("train", "train", "train", "val", "test")[(i // 4) % 5] if i < 32 else "test"
+        rows.append({"slide_id": sid, "case_id": f"c{case}", "label": ("neg", "pos")[label], "index_label": label,
+                     "split": split, "time": float(10 + 20 * (1 - label) + i % 3), "event": int(i % 3 != 0)})
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return {"root": root, "features": features, "manifest": manifest, "table": pd.DataFrame(rows)}
+
+
+def _train(cohort, out, *extra):
+    return main(["train", "--manifest", str(cohort["manifest"]), "--features", str(cohort["features"]),
+                 "--out", str(out), *FAST, *extra])
+
+
+def _finite_metrics(path):
+    metrics = json.loads(path.read_text())
+    assert metrics["val"] and metrics["test"]
+    assert all(np.isfinite(v) for v in [*metrics["val"].values(), *metrics["test"].values()])
+    return metrics
+
+
+def test_kfold_writes_every_output_learns_and_eval_reproduces_test_predictions(cohort, tmp_path):
+    out = tmp_path / "cv"
+    assert _train(cohort, out, "--folds", "3", "--seeds", "0", "1", "--save-attention") == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["seed"].astype(str).tolist() == ["0", "0", "0", "1", "1", "1", "mean", "sd"]
+    runs = summary.iloc[:6]
+    assert summary.loc[6, "test_auc"] == pytest.approx(runs["test_auc"].mean())
+    assert summary.loc[7, "test_auc"] == pytest.approx(runs["test_auc"].std(ddof=1))
+    assert summary.loc[6, "test_auc"] > 0.9  # the shifted instances are easy to find
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "train" and run["resolved_device"] == "cpu" and "git" in run and "packages" in run
+    fold = out / "seed0" / "fold0"
+    for name in ("metrics.json", "predictions.csv", "history.csv", "checkpoint.pt"):
+        assert (fold / name).is_file()
+    assert not list(out.rglob("*.tmp"))
+    metrics = _finite_metrics(fold / "metrics.json")
+    predictions = pd.read_csv(fold / "predictions.csv")
+    assert set(predictions["split"]) == {"val", "test"} and metrics["n_test"] == (predictions["split"] == "test").sum()
+    assert {"slide_id", "target", "prob_0", "prob_1", "prediction", "target_class"} <= set(predictions.columns)
+    test_ids = set(predictions.loc[predictions["split"] == "test", "slide_id"])
+    assert not test_ids & set(predictions.loc[predictions["split"] == "val", "slide_id"])
+    attention = np.load(fold / "attention" / f"{sorted(test_ids)[0]}.npy")
+    assert attention.ndim == 2 and np.isfinite(attention).all()
+    # every fold's test slides together are the cohort once per seed
+    tests = [pd.read_csv(out / "seed1" / f"fold{f}" / "predictions.csv").query("split == 'test'") for f in range(3)]
+    assert sorted(pd.concat(tests)["slide_id"]) == sorted(cohort["table"]["slide_id"])
+
+    evaluated = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(fold / "checkpoint.pt"), "--manifest", str(cohort["manifest"]),
+                 "--features", str(cohort["features"]), "--out", str(evaluated), "--quiet"]) == 0
+    again = pd.read_csv(evaluated / "predictions.csv").set_index("slide_id")
+    assert len(again) == N_SLIDES and (evaluated / "run.json").is_file()
+    trained = predictions[predictions["split"] == "test"].set_index("slide_id")
+    for column in ("prob_0", "prob_1", "prediction", "target"):
+        assert (again.loc[trained.index, column] == trained[column]).all(), column
+    assert np.isfinite(json.loads((evaluated / "metrics.json").read_text())["metrics"]["auc"])
+
+
+def test_split_column_with_index_labels_and_a_yaml_config(cohort, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"manifest: {cohort['manifest']}\nfeatures: {cohort['features']}\nmodel: mean_pooling\n"
+                      f"label_column: index_label\nsplit_column: split\nout: {tmp_path / 'out'}\nepochs: 3\n")
+    assert main(["train", "--config", str(config), "--model", "abmil", "--set", "epochs=6", "--quiet"]) == 0
+    fold = tmp_path / "out" / "seed0" / "fold0"
+    metrics = _finite_metrics(fold / "metrics.json")
+    assert metrics["epochs_run"] == 6 and metrics["n_test"] == int((cohort["table"]["split"] == "test").sum())
+    checkpoint = torch.load(fold / "checkpoint.pt", weights_only=True)
+    assert checkpoint["model"] == "abmil" and checkpoint["in_dim"] == DIM and checkpoint["n_out"] == 2
+    assert checkpoint["task"]["classes"] == [0, 1] and not list((tmp_path / "out").glob("seed1"))
+
+
+def test_clam_splits_csv_file_and_folder(cohort, tmp_path):
+    ids = cohort["table"]["slide_id"].tolist()
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    for k in range(2):
+        rotated = ids[k * 12:] + ids[: k * 12]
+        parts = {"train": rotated[:24], "val": rotated[24:28], "test": rotated[28:36]}  # cases stay together
+        ragged = pd.DataFrame({p: pd.Series(v) for p, v in parts.items()})  # blanks below the shorter columns
+        ragged.to_csv(folder / f"splits_{k}.csv")  # CLAM writes its index column first
+    assert _train(cohort, tmp_path / "one", "--splits-csv", str(folder / "splits_1.csv")) == 0
+    assert _train(cohort, tmp_path / "all", "--splits-csv", str(folder)) == 0
+    summary = pd.read_csv(tmp_path / "all" / "summary.csv")
+    assert summary["fold"].tolist()[:2] == [0, 1] and len(summary) == 4
+    test = pd.read_csv(tmp_path / "all" / "seed0" / "fold1" / "predictions.csv").query("split == 'test'")
+    assert sorted(test["slide_id"]) == sorted(ids[4:12])
+
+
+def test_survival_with_time_and_event_columns(cohort, tmp_path):
+    assert _train(cohort, tmp_path / "surv", "--task", "survival", "--split-column", "split") == 0
+    metrics = _finite_metrics(tmp_path / "surv" / "seed0" / "fold0" / "metrics.json")
+    assert set(metrics["test"]) == {"c_index"}
+    predictions = pd.read_csv(tmp_path / "surv" / "seed0" / "fold0" / "predictions.csv")
+    assert {"time", "event", "risk"} <= set(predictions.columns)
+
+
+def test_device_auto_resolves_to_cpu_here_and_to_cuda_on_a_gpu_node(cohort, tmp_path, monkeypatch, caplog):
+    assert resolve_device_name("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device_name("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device_name("cuda")
+    with caplog.at_level(logging.INFO, logger="milstudy"):
+        assert main(["train", "--manifest", str(cohort["manifest"]), "--features", str(cohort["features"]),
+                     "--out", str(tmp_path / "o"), "--model", "mean_pooling", "--epochs", "1",
+                     "--split-column", "split"]) == 0
+    assert "device: cpu" in caplog.text
+    assert json.loads((tmp_path / "o" / "seed0" / "fold0" / "metrics.json").read_text())["device"] == "cpu"
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_is_one_line_and_exit_2(cohort, tmp_path, capsys):
+    base = ["train", "--manifest", str(cohort["manifest"]), "--out", str(tmp_path / "o"), "--epochs", "1", "--quiet"]
+    err = _error(capsys, [*base, "--features", str(tmp_path / "nowhere"), "--model", "abmil", "--folds", "3"])
+    assert "--features" in err and "nowhere" in err and "does not exist" in err
+
+    feats = ["--features", str(cohort["features"])]
+    err = _error(capsys, [*base, *feats, "--model", "abmill", "--folds", "3"])
+    assert "unknown model 'abmill'" in err and "did you mean 'abmil'" in err
+
+    splits = tmp_path / "splits_0.csv"
+    pd.DataFrame({"train": ["s00", "s01", "s02"], "val": ["s03", "s99", ""], "test": ["s04", "", ""]}).to_csv(
+        splits, index=False)
+    err = _error(capsys, [*base, *feats, "--model", "abmil", "--splits-csv", str(splits)])
+    assert f"{splits} line 3 column 'val': slide 's99' is not in the manifest" in err
+
+    err = _error(capsys, [*base, *feats, "--model", "abmil", "--folds", "3", "--split-column", "split"])
+    assert "exactly one split source" in err
+
+    gap = tmp_path / "gap.csv"
+    table = cohort["table"].copy()
+    table.loc[3, "slide_id"] = "ghost"
+    table.to_csv(gap, index=False)
+    err = _error(capsys, ["train", "--manifest", str(gap), *feats, "--model", "abmil", "--folds", "3",
+                          "--out", str(tmp_path / "o")])
+    assert f"{gap} line 5 (slide 'ghost'): no feature file ghost.h5" in err
+
+    assert _train(cohort, tmp_path / "ok", "--split-column", "split", "--epochs", "1") == 0
+    odd = tmp_path / "odd.csv"
+    table = cohort["table"].copy()
+    table.loc[6, "label"] = "maybe"
+    table.to_csv(odd, index=False)
+    checkpoint = tmp_path / "ok" / "seed0" / "fold0" / "checkpoint.pt"
+    err = _error(capsys, ["eval", "--checkpoint", str(checkpoint), "--manifest", str(odd), *feats,
+                          "--out", str(tmp_path / "e")])
+    assert f"{odd} line 8 (slide 's06'): label 'maybe' is not one of the classes ['neg', 'pos']" in err
+    assert str(checkpoint) in err
