@@ -35,11 +35,21 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     """``milstudy.*`` loggers to stderr: INFO by default, WARNING with ``--quiet``, DEBUG with ``--verbose``."""
     logger = logging.getLogger("milstudy")
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    if not any(getattr(h, "_milstudy_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._milstudy_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the ``sys.stderr`` of the moment (not the one at creation: a second ``main()`` call in one process,
+    e.g. under pytest's capture, must not write to a closed stream)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never end a run
+            self.handleError(record)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -106,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     started, start_iso = time.perf_counter(), now_iso()
     spec = train_settings(args)
     device = inputs.resolve_device_name(str(spec["device"]))
+    runs.build_train_config(spec, spec["seeds"][0], device)  # a bad --set value fails before any data is read
     log.info("device: %s", inputs.describe_device(device))
     feature_dir = inputs.resolve_feature_dir(spec["features"])
     log.info("features: %s", feature_dir)
@@ -122,11 +133,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = runs.make_task(spec, classes)
     runs.build_named_model(str(spec["model"]), int(dataset.feature_dim), task.n_out, spec["model_kw"])  # fail early
     out = Path(spec["out"])
-    rows = []
-    for seed in spec["seeds"]:
-        for fold, split in enumerate(runs.splits_for(spec, table, dataset, task, seed)):
-            rows.append(runs.run_one(spec, dataset, task, classes, split, seed, fold, device,
-                                out / f"seed{seed}" / f"fold{fold}"))
+    plan = [(seed, fold, split) for seed in spec["seeds"]  # every split checked before anything trains
+            for fold, split in enumerate(runs.splits_for(spec, table, dataset, task, seed))]
+    rows = [runs.run_one(spec, dataset, task, classes, split, seed, fold, device, out / f"seed{seed}" / f"fold{fold}")
+            for seed, fold, split in plan]
     summary = runs.summary_table(rows)
     inputs.write_csv(summary, out / "summary.csv")
     runs.write_json(runs.provenance("train", spec, device, started, start_iso), out / "run.json")

@@ -65,6 +65,7 @@ def write_json(payload: Mapping[str, Any], path: Path) -> Path:
 
 
 def with_class_names(frame: pd.DataFrame, classes: list | None) -> pd.DataFrame:
+    """Predictions plus ``target_class`` / ``predicted_class`` (the names of the head indices) for classification."""
     if classes is None or "prediction" not in frame.columns:
         return frame
     frame = frame.copy()
@@ -117,10 +118,11 @@ def summary_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat([runs.astype({"seed": object, "fold": object}), extra], ignore_index=True)
 
 
-def provenance(command: str, argv_spec: Mapping[str, Any], device: str, started: float, start_iso: str) -> dict:
+def provenance(command: str, settings: Mapping[str, Any], device: str, started: float, start_iso: str) -> dict:
+    """``run.json``: the command, its settings, the device used, timing and ``provenance.environment_info()``."""
     from milstudy.provenance import environment_info, now_iso
 
-    return {"command": command, "settings": dict(argv_spec), "resolved_device": device, "start": start_iso,
+    return {"command": command, "settings": dict(settings), "resolved_device": device, "start": start_iso,
             "end": now_iso(), "wall_time_s": round(time.perf_counter() - started, 2), **environment_info()}
 
 
@@ -153,6 +155,7 @@ def build_named_model(name: str, in_dim: int, n_out: int, kwargs: Mapping[str, A
 
 
 def make_task(spec: Mapping[str, Any], classes: list | None):
+    """The task of the settings: classification over ``classes`` (head indices 0..C-1) or survival."""
     from milstudy.train.tasks import ClassificationTask, SurvivalTask
 
     if spec["task"] == "survival":
@@ -163,6 +166,7 @@ def make_task(spec: Mapping[str, Any], classes: list | None):
 
 # ------------------------------------------------------------------------------------------------ train
 def splits_for(spec: Mapping[str, Any], table: pd.DataFrame, dataset: Any, task: Any, seed: int) -> list[inputs.Split]:
+    """The (train, val, test) slide ids of every fold for ``seed``: k-fold, a split column or CLAM splits files."""
     if spec.get("folds") is not None:
         from milstudy.train.cv import kfold_splits
 
@@ -170,7 +174,14 @@ def splits_for(spec: Mapping[str, Any], table: pd.DataFrame, dataset: Any, task:
         cases = dict(zip(table["slide_id"].astype(str), table["case_id"].astype(str)))
         ids = np.asarray(dataset.slide_ids)
         groups = np.asarray([cases[s] for s in ids])
-        folds = kfold_splits(labels, groups, int(spec["folds"]), seed, float(spec["val_fraction"]))
+        if int(spec["folds"]) > len(set(groups)):
+            raise ValueError(f"--folds {spec['folds']}: {spec['manifest']} has only {len(set(groups))} cases "
+                             "(case_id) to spread over the folds; use fewer folds")
+        try:
+            folds = kfold_splits(labels, groups, int(spec["folds"]), seed, float(spec["val_fraction"]))
+        except ValueError as err:  # e.g. more folds than cases, or a class too rare to stratify
+            raise ValueError(f"--folds {spec['folds']} (val_fraction {spec['val_fraction']}) on "
+                             f"{spec['manifest']}: {err}") from None
         return [{part: ids[idx].tolist() for part, idx in zip(inputs.SPLITS, fold)} for fold in folds]
     if spec.get("split_column") is not None:
         return inputs.split_column_splits(table, str(spec["split_column"]), str(spec["manifest"]))

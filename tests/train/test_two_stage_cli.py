@@ -153,10 +153,11 @@ def test_device_auto_resolves_to_cpu_here_and_to_cuda_on_a_gpu_node(cohort, tmp_
 
 
 def _error(capsys, argv):
+    """Exit 2 and exactly one ``error:`` line, the last on stderr (log lines may precede it); returns it."""
     code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1, err
-    return err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and [line for line in lines if line.startswith("error:")] == lines[-1:], lines
+    return lines[-1]
 
 
 def test_bad_input_is_one_line_and_exit_2(cohort, tmp_path, capsys):
@@ -182,7 +183,7 @@ def test_bad_input_is_one_line_and_exit_2(cohort, tmp_path, capsys):
     table.loc[3, "slide_id"] = "ghost"
     table.to_csv(gap, index=False)
     err = _error(capsys, ["train", "--manifest", str(gap), *feats, "--model", "abmil", "--folds", "3",
-                          "--out", str(tmp_path / "o")])
+                          "--out", str(tmp_path / "o"), "--quiet"])
     assert f"{gap} line 5 (slide 'ghost'): no feature file ghost.h5" in err
 
     assert _train(cohort, tmp_path / "ok", "--split-column", "split", "--epochs", "1") == 0
@@ -195,3 +196,43 @@ def test_bad_input_is_one_line_and_exit_2(cohort, tmp_path, capsys):
                           "--out", str(tmp_path / "e")])
     assert f"{odd} line 8 (slide 's06'): label 'maybe' is not one of the classes ['neg', 'pos']" in err
     assert str(checkpoint) in err
+
+
+def test_feature_folder_layouts(tmp_path):
+    from milstudy.train.two_stage_inputs import resolve_feature_dir
+
+    bag = np.zeros((2, DIM))
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    _write_bag(ours / "a.h5", bag)
+    assert resolve_feature_dir(ours) == ours
+    clam = tmp_path / "clam"
+    for sub in ("h5_files", "pt_files"):
+        (clam / sub).mkdir(parents=True)
+    torch.save(torch.zeros(2, DIM), clam / "pt_files" / "a.pt")
+    assert resolve_feature_dir(clam) == clam / "pt_files"
+    _write_bag(clam / "h5_files" / "a.h5", bag)
+    assert resolve_feature_dir(clam) == clam / "h5_files"  # coordinates too
+    trident = tmp_path / "trident"
+    (trident / "features_uni_v1").mkdir(parents=True)
+    _write_bag(trident / "features_uni_v1" / "a.h5", bag)
+    assert resolve_feature_dir(trident) == trident / "features_uni_v1"
+    (trident / "features_conch_v15").mkdir()
+    _write_bag(trident / "features_conch_v15" / "a.h5", bag)
+    with pytest.raises(ValueError, match="several encoders"):
+        resolve_feature_dir(trident)
+    with pytest.raises(ValueError, match="no feature files"):
+        resolve_feature_dir(tmp_path / "clam" / "h5_files" / ".." / ".." / "trident" / "features_uni_v1" / ".." / "..")
+
+
+def test_settings_are_checked_before_any_data_is_read(cohort, tmp_path, capsys):
+    base = ["train", "--manifest", str(cohort["manifest"]), "--features", str(cohort["features"]),
+            "--model", "abmil", "--folds", "3", "--quiet", "--out", str(tmp_path / "o")]
+    assert "unknown setting 'epoch'; did you mean 'epochs'?" in _error(capsys, [*base, "--set", "epoch=3"])
+    assert "epochs must be int" in _error(capsys, [*base, "--set", "epochs=abc"])
+    assert "missing setting 'model'" in _error(capsys, ["train", "--folds", "3", "--manifest", "m.csv",
+                                                        "--features", "f", "--out", "o"])
+    assert "--model-kw" in _error(capsys, [*base, "--model-kw", "no_such_option=1"])
+    err = _error(capsys, [*base, "--set", "folds=40"])
+    assert "--folds 40" in err and "only 18 cases" in err
+    assert not (tmp_path / "o").exists()
