@@ -15,12 +15,26 @@
 - ``distributed``: DDP set-up from torchrun's environment (NCCL on CUDA, gloo on CPU).
 """
 
-from milstudy.train.cv import CVResult, aggregate_runs, cross_validate, run_model_grid
-from milstudy.train.tasks import ClassificationTask, GradingTask, SurvivalTask
-from milstudy.train.loop import EvalResult, FitResult, LoopConfig, fit
-from milstudy.train.two_stage import BagStep, TrainConfig, evaluate, train_two_stage
+# Names resolve on first use (PEP 562): ``milstudy`` builds its parser by importing every command module, and the
+# two-stage command lives in this package, so importing the package must not import torch for ``milstudy list``.
+_EXPORTS = {
+    "CVResult": "cv", "aggregate_runs": "cv", "cross_validate": "cv", "run_model_grid": "cv",
+    "ClassificationTask": "tasks", "GradingTask": "tasks", "SurvivalTask": "tasks",
+    "EvalResult": "loop", "FitResult": "loop", "LoopConfig": "loop", "fit": "loop",
+    "BagStep": "two_stage", "TrainConfig": "two_stage", "evaluate": "two_stage", "train_two_stage": "two_stage",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "BagStep", "CVResult", "ClassificationTask", "EvalResult", "FitResult", "GradingTask", "LoopConfig", "SurvivalTask",
-    "TrainConfig", "aggregate_runs", "cross_validate", "evaluate", "fit", "run_model_grid", "train_two_stage",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'milstudy.train' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"milstudy.train.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
