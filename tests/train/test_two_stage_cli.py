@@ -133,8 +133,14 @@ def test_survival_with_time_and_event_columns(cohort, tmp_path):
     assert _train(cohort, tmp_path / "surv", "--task", "survival", "--split-column", "split") == 0
     metrics = _finite_metrics(tmp_path / "surv" / "seed0" / "fold0" / "metrics.json")
     assert set(metrics["test"]) == {"c_index"}
-    predictions = pd.read_csv(tmp_path / "surv" / "seed0" / "fold0" / "predictions.csv")
-    assert {"time", "event", "risk"} <= set(predictions.columns)
+    fold = tmp_path / "surv" / "seed0" / "fold0"
+    predictions = pd.read_csv(fold / "predictions.csv")
+    assert {"time", "event", "bin", "risk"} <= set(predictions.columns)
+    assert main(["eval", "--checkpoint", str(fold / "checkpoint.pt"), "--manifest", str(cohort["manifest"]),
+                 "--features", str(cohort["features"]), "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    again = pd.read_csv(tmp_path / "e" / "predictions.csv").set_index("slide_id")
+    trained = predictions.set_index("slide_id")
+    assert (again.loc[trained.index, ["risk", "bin"]] == trained[["risk", "bin"]]).all().all()  # same bin edges
 
 
 def test_device_auto_resolves_to_cpu_here_and_to_cuda_on_a_gpu_node(cohort, tmp_path, monkeypatch, caplog):
@@ -236,3 +242,19 @@ def test_settings_are_checked_before_any_data_is_read(cohort, tmp_path, capsys):
     err = _error(capsys, [*base, "--set", "folds=40"])
     assert "--folds 40" in err and "only 18 cases" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_labels_are_checked_against_declared_or_inferred_classes(cohort, tmp_path, capsys):
+    base = ["train", "--features", str(cohort["features"]), "--model", "abmil", "--split-column", "split",
+            "--out", str(tmp_path / "o"), "--quiet"]
+    err = _error(capsys, [*base, "--manifest", str(cohort["manifest"]), "--classes", "neg", "positive"])
+    assert f"{cohort['manifest']} line 3 (slide 's01'): label 'pos' is not one of the classes ['neg', 'positive']" in err
+    typo = tmp_path / "typo.csv"
+    table = cohort["table"].copy()
+    table.loc[9, "label"] = "pso"
+    table.to_csv(typo, index=False)
+    err = _error(capsys, [*base, "--manifest", str(typo)])
+    assert f"{typo} line 11 (slide 's09'): label 'pso' occurs only once" in err
+    table.loc[9, "label"] = ""
+    table.to_csv(typo, index=False)
+    assert "line 11 (slide 's09'): column 'label' is empty" in _error(capsys, [*base, "--manifest", str(typo)])
