@@ -101,6 +101,8 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
                          + (f" (got {sources})" if sources else ""))
     if not isinstance(spec["model_kw"], dict):
         raise ValueError(f"model_kw must be a mapping, got {spec['model_kw']!r}")
+    if spec.get("classes") is not None and not isinstance(spec["classes"], list):
+        raise ValueError(f"classes must be a list (--classes A B, or classes: [A, B]), got {spec['classes']!r}")
     spec["seeds"] = [int(s) for s in (spec["seeds"] if isinstance(spec["seeds"], list) else [spec["seeds"]])]
     return spec
 

@@ -239,7 +239,7 @@ def split_column_splits(table: pd.DataFrame, column: str, source: str) -> list[S
     if column not in table.columns:
         raise ValueError(f"--split-column {column!r} is not a column of {source}{did_you_mean(column, table.columns)} "
                          f"(columns: {list(table.columns)})")
-    values = table[column].astype("string").str.strip().str.lower()
+    values = table[column].astype("string").str.strip().str.lower().fillna("")
     for i, value in enumerate(values):
         if value not in SPLITS:
             raise ValueError(f"{_line(source, i)} (slide '{table['slide_id'].iloc[i]}'): column '{column}' must be "

@@ -258,3 +258,19 @@ def test_labels_are_checked_against_declared_or_inferred_classes(cohort, tmp_pat
     table.loc[9, "label"] = ""
     table.to_csv(typo, index=False)
     assert "line 11 (slide 's09'): column 'label' is empty" in _error(capsys, [*base, "--manifest", str(typo)])
+
+
+def test_selection_never_sees_the_test_labels(cohort, tmp_path):
+    flipped = tmp_path / "flipped.csv"
+    table = cohort["table"].copy()
+    test = table["split"] == "test"
+    table.loc[test, "label"] = table.loc[test, "label"].map({"neg": "pos", "pos": "neg"})
+    table.to_csv(flipped, index=False)
+    assert _train(cohort, tmp_path / "a", "--split-column", "split") == 0
+    assert main(["train", "--manifest", str(flipped), "--features", str(cohort["features"]), "--out",
+                 str(tmp_path / "b"), *FAST, "--split-column", "split"]) == 0
+    a, b = (torch.load(tmp_path / r / "seed0" / "fold0" / "checkpoint.pt", weights_only=True) for r in "ab")
+    assert a["best_epoch"] == b["best_epoch"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    auc = [json.loads((tmp_path / r / "seed0" / "fold0" / "metrics.json").read_text())["test"]["auc"] for r in "ab"]
+    assert auc[0] == pytest.approx(1 - auc[1])
