@@ -19,8 +19,9 @@ import argparse
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("milstudy.cli")
 OWN_KEYS = ("manifest", "features", "model", "model_kw", "task", "classes", "label_column", "class_weights",
@@ -31,19 +32,25 @@ _DEFAULTS = {"task": "classification", "label_column": "label", "model_kw": {}, 
 
 
 # ------------------------------------------------------------------------------------------------ logging
-def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
-    """``milstudy.*`` loggers to stderr: INFO by default, WARNING with ``--quiet``, DEBUG with ``--verbose``."""
+@contextmanager
+def command_logging(quiet: bool = False, verbose: bool = False) -> Iterator[None]:
+    """``milstudy.*`` loggers to stderr for one command: INFO by default, WARNING with ``--quiet``, DEBUG with
+    ``--verbose``; the logger's level and handlers are restored afterwards (``main()`` called from Python)."""
     logger = logging.getLogger("milstudy")
+    previous = logger.level
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
     logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 class _StderrHandler(logging.Handler):
-    """Writes to the ``sys.stderr`` of the moment (not the one at creation: a second ``main()`` call in one process,
-    e.g. under pytest's capture, must not write to a closed stream)."""
+    """Writes to the ``sys.stderr`` of the moment (not the one at creation, which pytest's capture may have closed)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -109,12 +116,16 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``milstudy train``: see the module docstring."""
+    with command_logging(args.quiet, args.verbose):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from milstudy.data.bags import BagDataset
     from milstudy.provenance import now_iso
     from milstudy.train import two_stage_inputs as inputs
     from milstudy.train import two_stage_runs as runs
 
-    setup_logging(args.quiet, args.verbose)
     started, start_iso = time.perf_counter(), now_iso()
     spec = train_settings(args)
     device = inputs.resolve_device_name(str(spec["device"]))
@@ -152,13 +163,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
     """``milstudy eval``: see the module docstring."""
+    with command_logging(args.quiet, args.verbose):
+        return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
     from milstudy.data.bags import BagDataset
     from milstudy.provenance import now_iso
     from milstudy.train import two_stage_inputs as inputs
     from milstudy.train import two_stage_runs as runs
     from milstudy.train.two_stage import evaluate
 
-    setup_logging(args.quiet, args.verbose)
     started, start_iso = time.perf_counter(), now_iso()
     payload = runs.load_checkpoint(args.checkpoint)
     record = payload["task"]

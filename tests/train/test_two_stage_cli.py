@@ -155,6 +155,7 @@ def test_device_auto_resolves_to_cpu_here_and_to_cuda_on_a_gpu_node(cohort, tmp_
                      "--out", str(tmp_path / "o"), "--model", "mean_pooling", "--epochs", "1",
                      "--split-column", "split"]) == 0
     assert "device: cpu" in caplog.text
+    assert not logging.getLogger("milstudy").handlers  # the command's logging is undone when it returns
     assert json.loads((tmp_path / "o" / "seed0" / "fold0" / "metrics.json").read_text())["device"] == "cpu"
 
 
