@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 log = logging.getLogger("milstudy.cli")
 OWN_KEYS = ("manifest", "features", "model", "model_kw", "task", "classes", "label_column", "class_weights",
-             "n_bins", "survival_loss", "folds", "split_column", "splits_csv", "val_fraction", "seeds", "device",
-             "out", "save_attention", "preload")
+            "n_bins", "survival_loss", "folds", "split_column", "splits_csv", "val_fraction", "seeds", "device",
+            "out", "save_attention", "preload")
 _DEFAULTS = {"task": "classification", "label_column": "label", "model_kw": {}, "seeds": [0], "device": "auto",
              "val_fraction": 0.125, "save_attention": False, "preload": False, "n_bins": 4, "survival_loss": "nll"}
 
@@ -192,7 +192,11 @@ def _eval(args: argparse.Namespace) -> int:
                          f"model takes {payload['in_dim']} (another encoder?)")
     task = runs.task_from_record(record)
     model = runs.build_named_model(payload["model"], payload["in_dim"], payload["n_out"], payload["model_kwargs"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:  # the model's code changed since the checkpoint was written
+        raise ValueError(f"--checkpoint {args.checkpoint}: its weights do not fit model {payload['model']!r} "
+                         f"({str(err).splitlines()[0]})") from None
     model.to(device)
     result = evaluate(model, task, dataset, "eval", device, int(payload["eval_batch_size"]),
                       bool(payload["amp"]) and device.startswith("cuda"), bool(args.save_attention))
@@ -201,8 +205,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.save_attention:
         runs.write_attention(result.attention, out / "attention")
     runs.write_json({"checkpoint": str(args.checkpoint), "manifest": str(args.manifest), "n_slides": len(dataset),
-                "skipped": [s for s, _ in dataset.skipped], "loss": result.loss, "metrics": result.metrics},
-               out / "metrics.json")
+                     "skipped": [s for s, _ in dataset.skipped], "loss": result.loss, "metrics": result.metrics},
+                    out / "metrics.json")
     settings = {k: getattr(args, k) for k in ("checkpoint", "manifest", "features", "out", "device", "label_column")}
     runs.write_json(runs.provenance("eval", settings, device, started, start_iso), out / "run.json")
     log.info("%d slide(s): %s; outputs in %s", len(dataset),
