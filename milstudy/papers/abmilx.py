@@ -109,10 +109,13 @@ CPU_COHORT = dict(n_slides=100, size_range=(2048, 2048), witness_rate_range=(0.0
 # Matched capacity (spec §5.5; the study standard "compare methods at matched capacity"): every aggregator of one
 # comparison gets the same width (and, where it has heads, the same head count): profile S (smoke, cpu) D = 64,
 # m = 4; the paper profile D = 256, m = 8 (the BRCA settings' ABMILX). The width argument differs per model.
-WIDTH_ARGUMENT = {name: "dim" for name in ("abmilx", "mhla", "abmilx_alpha1", "transmil", "vitmil", "qamil")}
+WIDTH_ARGUMENT = {name: "dim" for name in ("abmilx", "mhla", "abmilx_alpha1", "transmil", "vitmil", "qamil",
+                                           "rrtmil")}
 WIDTH_ARGUMENT.update({name: "hidden_dim" for name in ("abmil", "abmil_gated", "abmil_upstream", "mean_pooling",
                                                        "max_pooling")})
-HEADS_ARGUMENT = {name: "heads" for name in ("abmilx", "mhla", "abmilx_alpha1", "transmil", "vitmil", "qamil")}
+# RRTMIL: ``heads`` is its R-MSA's head count; its CR-MSA keeps upstream's 8 heads (crmsa_heads, not tied to it).
+HEADS_ARGUMENT = {name: "heads" for name in ("abmilx", "mhla", "abmilx_alpha1", "transmil", "vitmil", "qamil",
+                                             "rrtmil")}
 PROFILE_WIDTH = {"smoke": (64, 4), "cpu": (64, 4), "paper": (256, 8)}
 
 
@@ -203,8 +206,10 @@ def table7_configs(base: E2EConfig, ablations: Sequence[str] = ("ffn", "dim", "h
 
 # The E2 aggregators by the names the paper's tables use (notebooks 11 and 14).
 # ABMIL in its upstream layout (spec §2.5: LN, dropout 0.25, LN before the classifier), as the paper trains it E2E.
-AGGREGATOR_NAMES = {"ABMIL": "abmil_upstream", "DSMIL": "dsmil", "TransMIL": "transmil", "QAMIL": "qamil", "ViTMIL": "vitmil",
-                    "ABMILX": "abmilx", "Mean pooling": "mean_pooling"}
+# RRTMIL in its upstream layout (spec §2.5; milstudy.models.rrtmil): with its 8 regions per side a bag of s <= 64
+# sampled instances has one-token regions (R-MSA per token, CR-MSA adds nothing); the paper's s = 128-768 does not.
+AGGREGATOR_NAMES = {"ABMIL": "abmil_upstream", "DSMIL": "dsmil", "TransMIL": "transmil", "RRTMIL": "rrtmil",
+                    "QAMIL": "qamil", "ViTMIL": "vitmil", "ABMILX": "abmilx", "Mean pooling": "mean_pooling"}
 
 
 def available_aggregators(wanted: Mapping[str, str] | Sequence[str]) -> dict[str, str]:

@@ -135,6 +135,7 @@ def test_profile_aggregator_sizes():
 
     assert aggregator_kwargs("transmil", "cpu") == {"dim": 64, "heads": 4}
     assert aggregator_kwargs("transmil", "paper") == {"dim": 256, "heads": 8}
+    assert aggregator_kwargs("rrtmil", "cpu") == {"dim": 64, "heads": 4}  # matched width, as TransMIL
     # matched capacity: ABMIL (upstream layout) and mean pooling get ABMILX's width; DSMIL has no width argument
     assert aggregator_kwargs("abmil_upstream", "smoke") == {"hidden_dim": 64}
     assert aggregator_kwargs("mean_pooling", "cpu", width=32) == {"hidden_dim": 32}
@@ -266,8 +267,9 @@ def test_available_aggregators_by_label():
 
     assert available_aggregators(["ABMIL", "ViTMIL"]) == {"ABMIL": "abmil_upstream", "ViTMIL": "vitmil"}
     assert available_aggregators({"X": "no_such_model", "ABMIL": "abmil"}) == {"ABMIL": "abmil"}
+    assert available_aggregators(["TransMIL", "RRTMIL"]) == {"TransMIL": "transmil", "RRTMIL": "rrtmil"}
     with pytest.raises(ValueError, match="unknown aggregator label"):
-        available_aggregators(["ABMIL", "RRTMIL"])
+        available_aggregators(["ABMIL", "WiKG"])
 
 
 def test_descriptor_tier_trains_end_to_end_without_images():

@@ -12,8 +12,12 @@ IN_DIM = 16
 
 # Size overrides for the zoo-wide tests. TransMIL's default 256 landmarks pad every tiny test bag to 256 tokens
 # and invert 256 x 256 kernels per head (seconds per call on 2 cores); dim=64 gives 32 landmarks, same code path.
+# RRTMIL: upstream's 8 regions per side give every bag of <= 64 instances one-token regions (R-MSA's softmax over
+# one key and CR-MSA's min-max are then constant, so q/k, EPEG and phi get no gradient); 2 regions give the toy bags
+# multi-token regions, same code path.
 TEST_KWARGS: dict[str, dict] = {"transmil": {"dim": 64}, "vitmil": {"dim": 64}, "qamil": {"dim": 64},
-                                "transmil_anchor": {"dim": 64}, "transmil_anchor_nsf": {"dim": 64}}
+                                "transmil_anchor": {"dim": 64}, "transmil_anchor_nsf": {"dim": 64},
+                                "rrtmil": {"dim": 64, "regions": 2, "crmsa_regions": 2}}
 
 
 def make_toy_bags(n_bags: int, n_instances: int = 10, dim: int = IN_DIM, seed: int = 0):
