@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "milstudy.features",  # features extract
     "milstudy.bench",  # bench
     "milstudy.train.two_stage_cli",  # train, eval (two-stage, feature bags)
+    "milstudy.papers.svec_cli",  # calibrate (the S-vec worlds)
 )
 
 

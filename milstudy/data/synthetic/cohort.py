@@ -334,13 +334,18 @@ def _survival(config: SyntheticCohortConfig, rows: list[dict], plans: list[dict]
         config.survival_beta * burden + config.survival_gamma * subtype + config.survival_delta * grade / 5
     )
     times = np.array([p["survival_unit_exp"] for p in plans]) / hazard
-    u = np.array([p["censor_u"] for p in plans])
-    if config.censoring_rate <= 0:
+    return calibrate_uniform_censoring(times, np.array([p["censor_u"] for p in plans]), config.censoring_rate)
+
+
+def calibrate_uniform_censoring(times: np.ndarray, u: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """Observed times and events under uniform censoring ``C = u * c_max`` with ``c_max`` chosen (bisection) so
+    that about ``rate`` of the slides are censored; ``u`` are per-slide uniforms in [0, 1)."""
+    if rate <= 0:
         return times, np.ones(len(times), int)
-    lo, hi = 1e-6, 1e6  # censoring times C = u * c_max; censored share decreases with c_max
+    lo, hi = 1e-6, 1e6  # the censored share decreases with c_max
     for _ in range(80):
         mid = np.sqrt(lo * hi)
-        if np.mean(u * mid < times) > config.censoring_rate:
+        if np.mean(u * mid < times) > rate:
             lo = mid
         else:
             hi = mid
