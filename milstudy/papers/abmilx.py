@@ -204,6 +204,31 @@ def table7_configs(base: E2EConfig, ablations: Sequence[str] = ("ffn", "dim", "h
     return grid
 
 
+# Table 7's claims as pairs of settings (A beats B in the paper's column); the paper's defaults per column differ
+# (spec §5.3), so each claim names the pair it compares.
+TABLE7_CLAIMS = (
+    ("ratio", "4", "inf", "multi-scale sampling (r = 4) beats single-scale (r = inf)"),
+    ("heads", "4", "1", "multi-head attention (m = 4) beats one head"),
+    ("ffn", "without", "with", "ABMILX without the FFN scores at least as high as with it"),
+)
+
+
+def table7_claims(run_names: Sequence[str], metric: str, column: str = "paper_sub") -> list:
+    """``Claim`` rows of ``TABLE7_CLAIMS`` whose two settings were run (names ``"<ablation>: <setting>"``), with
+    the paper's numbers from ``REFERENCE_TABLE7[column]`` (paper_grad | paper_sub | paper_surv)."""
+    from milstudy.analysis.claims import Claim
+
+    reference = REFERENCE_TABLE7.set_index(["ablation", "setting"])[column]
+    units = {"paper_grad": "PANDA accuracy, %", "paper_sub": "BRCA-sub AUC, %", "paper_surv": "BRCA-surv C-index, %"}
+    claims = []
+    for ablation, a, b, text in TABLE7_CLAIMS:
+        name_a, name_b = f"{ablation}: {a}", f"{ablation}: {b}"
+        if name_a in run_names and name_b in run_names:
+            claims.append(Claim(text, name_a, name_b, metric, "greater", reference.get((ablation, a)),
+                                reference.get((ablation, b)), units[column], source="Table 7"))
+    return claims
+
+
 # The E2 aggregators by the names the paper's tables use (notebooks 11 and 14).
 # ABMIL in its upstream layout (spec §2.5: LN, dropout 0.25, LN before the classifier), as the paper trains it E2E.
 # RRTMIL in its upstream layout (spec §2.5; milstudy.models.rrtmil): with its 8 regions per side a bag of s <= 64
@@ -245,49 +270,55 @@ def _lambda_share(frame: pd.DataFrame) -> pd.DataFrame:
     return lambda_share(frame)
 
 
-def _claim(claim: str, paper: str, ours: str, holds: bool | None) -> dict[str, Any]:
-    return {"claim": claim, "paper": paper, "ours": ours,
-            "verdict": "n/a" if holds is None else ("holds" if holds else "does not hold")}
+E1_CLAIMS = (  # (statement, A, B, column, direction, paper A, paper B, paper units)
+    ("ABMIL is sparser than ABMILX (learnable α)", "ABMIL", "MHLA&A+ (learnable α)", "sparsity_all", "greater", 80,
+     36, "sparsity, %"),
+    ("ABMIL is sparser than MHLA", "ABMIL", "MHLA", "sparsity_all", "greater", 80, 61, "sparsity, %"),
+    ("A+ lowers the sparsity of MHLA (α=1)", "MHLA&A+ (α=1)", "MHLA", "sparsity_all", "less", 29, 61, "sparsity, %"),
+    ("TransMIL is less sparse than ABMIL", "TransMIL", "ABMIL", "sparsity_all", "less", 13, 80, "sparsity, %"),
+    ("ABMILX (learnable α) beats ABMIL", "MHLA&A+ (learnable α)", "ABMIL", "test_auc", "greater", 93.97, 89.23,
+     "BRCA-sub AUC, %"),
+    ("ABMILX (learnable α) beats MHLA", "MHLA&A+ (learnable α)", "MHLA", "test_auc", "greater", 93.97, 91.58,
+     "BRCA-sub AUC, %"),
+    ("ABMILX (learnable α) beats TransMIL", "MHLA&A+ (learnable α)", "TransMIL", "test_auc", "greater", 93.97, 91.44,
+     "BRCA-sub AUC, %"),
+    ("multi-head lowers the risk: R_MH(MHLA) < R_MH(ABMIL) (Eq. 10)", "MHLA", "ABMIL", "risk_mh", "less", None, None,
+     ""),
+    ("A+ lowers the risk: R(ABMILX) < R(MHLA) (Eq. 15)", "MHLA&A+ (learnable α)", "MHLA", "risk", "less", None, None,
+     ""),
+    ("ABMILX puts more attention mass on tumour than ABMIL", "MHLA&A+ (learnable α)", "ABMIL", "mass_on_tumour",
+     "greater", None, None, ""),
+)
 
 
-def e1_claims(summary: pd.DataFrame, final_modulation: pd.DataFrame | None = None,
-              metric: str = "test_auc") -> pd.DataFrame:
-    """The paper's E1/E6 statements, each checked on our means (verdict "holds" / "does not hold" / "n/a")."""
-    s = summary.set_index("run")
+def e1_claims(per_seed: pd.DataFrame, metric: str = "test_auc", **table_kwargs: Any) -> pd.DataFrame:
+    """The paper's E1/E6 statements (``E1_CLAIMS``) as a claims table (paired on seeds: t-intervals, Holm) from
+    ``per_seed``: one row per (``run``, ``seed``) with the test metric and the per-slide analysis means
+    (:func:`milstudy.papers.abmilx_study.per_seed_slide_means` merged with the run metrics). Claims whose runs or
+    columns are missing are left out; ``metric`` replaces "test_auc" (e.g. another task's primary metric)."""
+    from milstudy.analysis.claims import Claim, claims_table
 
-    def get(run: str, column: str) -> float:
-        return float(s.loc[run, f"{column}_mean"]) if run in s.index and f"{column}_mean" in s else float("nan")
+    frame = per_seed.rename(columns={"run": "method"})
+    present = set(frame["method"])
+    claims = []
+    for text, a, b, column, direction, paper_a, paper_b, units in E1_CLAIMS:
+        column = metric if column == "test_auc" else column
+        if a in present and b in present and column in frame and frame[column].notna().any():
+            source = "Sec. 3.3" if "sparsity" in column or column == metric else "App. A"
+            claims.append(Claim(text, a, b, column, direction, paper_a, paper_b, units, source=source))
+    return claims_table(claims, per_seed=frame, **table_kwargs)
 
-    x, mhla, abmil, trans = "MHLA&A+ (learnable α)", "MHLA", "ABMIL", "TransMIL"
-    rows = []
 
-    def compare(claim, paper, run_a, run_b, column, larger=True):
-        a, b = get(run_a, column), get(run_b, column)
-        ok = None if np.isnan(a) or np.isnan(b) else bool(a > b if larger else a < b)
-        rows.append(_claim(claim, paper, f"{a:.3g} vs {b:.3g}", ok))
-
-    compare("ABMIL is sparser than ABMILX (learnable α)", "80 vs 36", abmil, x, "sparsity_all")
-    compare("ABMIL is sparser than MHLA", "80 vs 61", abmil, mhla, "sparsity_all")
-    compare("A+ lowers the sparsity of MHLA (α=1)", "29 vs 61", "MHLA&A+ (α=1)", mhla, "sparsity_all", larger=False)
-    others = [get(r, "sparsity_all") for r in s.index if r != trans]
-    t = get(trans, "sparsity_all")
-    rows.append(_claim("TransMIL is the least sparse of the five", "13 (lowest)",
-                       f"{t:.3g} vs min of others {np.nanmin(others) if others else float('nan'):.3g}",
-                       None if np.isnan(t) or not others else bool(t < np.nanmin(others))))
-    compare("ABMILX (learnable α) beats ABMIL", "93.97 vs 89.23 (BRCA-sub AUC)", x, abmil, metric)
-    compare("ABMILX (learnable α) beats MHLA", "93.97 vs 91.58", x, mhla, metric)
-    compare("ABMILX (learnable α) beats TransMIL", "93.97 vs 91.44", x, trans, metric)
-    compare("R_MH(MHLA) < R(ABMIL) (Eq. 10, multi-head lowers risk)", "claimed (App. A)", mhla, abmil, "risk_mh",
-            larger=False)
-    compare("A+ lowers the risk: R(ABMILX) < R(MHLA) (Eq. 15)", "claimed (App. A)", x, mhla, "risk", larger=False)
-    compare("ABMILX puts more mass on tumour than ABMIL", "implied (Sec. 3.3)", x, abmil, "mass_on_tumour")
-    if final_modulation is not None and not final_modulation.empty:
-        share = _lambda_share(final_modulation[final_modulation["run"] == x]) if "run" in final_modulation else None
-        if share is not None and len(share):
-            row = share[share["alpha_sign"] == "all"].iloc[0]
-            rows.append(_claim("Λ ≤ 1 for most (slide, head) pairs (Eqs. 17-29)", "claimed when within-class U dominates",
-                               f"{row['share_lambda_le_1']:.2f} of {int(row['pairs'])} pairs",
-                               bool(row["share_lambda_le_1"] > 0.5)))
-    return pd.DataFrame(rows)
+def lambda_le_1_share(final_modulation: pd.DataFrame | None, run: str = "MHLA&A+ (learnable α)") -> str | None:
+    """One line on App. A's Λ ≤ 1 statement (Eqs. 17-29): the share of (slide, head) pairs of ``run`` with Λ ≤ 1
+    (descriptive: a share of pairs pooled over seeds, not a paired comparison); None without modulation data."""
+    if final_modulation is None or final_modulation.empty or "run" not in final_modulation:
+        return None
+    share = _lambda_share(final_modulation[final_modulation["run"] == run])
+    if not len(share):
+        return None
+    row = share[share["alpha_sign"] == "all"].iloc[0]
+    return (f"Λ ≤ 1 (App. A, Eqs. 17-29: claimed when within-class U dominates) for {row['share_lambda_le_1']:.2f} "
+            f"of {int(row['pairs'])} (slide, head) pairs of {run}")
 
 

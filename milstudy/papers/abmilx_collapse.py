@@ -1,6 +1,8 @@
 """The ABMILX E2 collapse phase diagram runs (specs/abmilx.md §4.3 E2, synthetic profile; ours, not in the paper):
 each aggregator trained end to end over witness rate w x patches per step s x seeds on an in-memory cohort with
-instance ground truth (:func:`milstudy.data.e2e_slides.toy_slides`). The question and the summary (pure) are in
+instance ground truth: the S-vec detection world (:class:`SvecPhaseCohort`: calibrated, frozen knobs, slides of
+500-4,000 descriptor patches with mimics; issue 15) or the image toy cohort (:class:`PhaseCohort`,
+:func:`milstudy.data.e2e_slides.toy_slides`). The question and the summary (pure) are in
 :mod:`milstudy.analysis.collapse`.
 """
 
@@ -22,7 +24,7 @@ from milstudy.analysis.sampling_noise import p_no_witness_without_replacement
 if TYPE_CHECKING:
     from milstudy.train.e2e import E2EConfig
 
-__all__ = ["PhaseCohort", "collapse_grid", "phase_splits", "summarize_collapse"]
+__all__ = ["PhaseCohort", "SvecPhaseCohort", "collapse_grid", "phase_splits", "summarize_collapse"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,28 @@ class PhaseCohort:
     seed: int = 0
 
 
-def phase_splits(witness_rate: float, cohort: PhaseCohort) -> dict[str, list]:
+@dataclass(frozen=True)
+class SvecPhaseCohort:
+    """The frozen S-vec detection world (:func:`milstudy.papers.svec.calibrated_world`) with every positive slide
+    at tumour share ``w``; ``n_slides`` and ``n_patches`` (per-slide range) are the study's design, ``seed`` the
+    generator seed (never the calibration's)."""
+
+    n_slides: int = 200
+    n_patches: tuple[int, int] = (500, 4000)
+    seed: int = 0
+
+
+def phase_splits(witness_rate: float, cohort: PhaseCohort | SvecPhaseCohort) -> dict[str, list]:
     """Train / val / test lists of ``E2ESlide`` for one witness rate."""
     from milstudy.data.e2e_slides import toy_slides
+
+    if isinstance(cohort, SvecPhaseCohort):
+        from milstudy.data.synthetic.descriptors import descriptor_cohort
+        from milstudy.papers.svec import calibrated_world
+
+        world = calibrated_world("detection", seed=cohort.seed, n_slides=cohort.n_slides,
+                                 n_patches=tuple(cohort.n_patches), witness_rate=(witness_rate, witness_rate))
+        return descriptor_cohort(world).splits
 
     slides = toy_slides(cohort.n_slides, n_patches=cohort.n_patches, size=cohort.patch_size, seed=cohort.seed,
                         witness_rate=witness_rate, contrast=cohort.contrast)
@@ -65,16 +86,17 @@ def collapse_grid(
     witness_rates: Sequence[float],
     s_values: Sequence[int],
     seeds: Sequence[int],
-    cohort: PhaseCohort = PhaseCohort(),
+    cohort: PhaseCohort | SvecPhaseCohort = PhaseCohort(),
     chance_auc: float = 0.6,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Train every named config over witness rate x s x seed with random (single-scale) sampling.
 
-    One row per run: ``aggregator``, ``witness_rate``, ``n_tumour`` (per positive slide), ``s``, ``seed``,
-    ``test_auc``, ``val_auc``, ``best_epoch``, ``collapsed`` (test AUC < ``chance_auc``), ``witness_mass``
-    (attention on tumour patches of positive test slides; uniform attention gives n_tumour / n_patches),
-    ``p_no_witness`` (P0 for one positive slide and step) and ``wall_time_s``. Selection is on validation only.
+    One row per run: ``aggregator``, ``witness_rate``, ``n_tumour`` (median per positive training slide), ``s``,
+    ``seed``, ``test_auc``, ``val_auc``, ``best_epoch``, ``collapsed`` (test AUC < ``chance_auc``),
+    ``witness_mass`` (attention on tumour patches of positive test slides; uniform attention gives the tumour
+    share), ``p_no_witness`` (P0 for one positive slide and step, mean over positive training slides) and
+    ``wall_time_s``. Selection is on validation only.
     """
     from tqdm.auto import tqdm
 
@@ -89,7 +111,10 @@ def collapse_grid(
         if w not in data_for:
             data_for[w] = phase_splits(w, cohort)
         data = data_for[w]
-        n_tumour = int(next(sl.instance_labels.sum() for sl in data["train"] if sl.target))  # as toy_slides drew it
+        positives = [sl for sl in data["train"] if sl.target]
+        n_tumour = int(np.median([sl.instance_labels.sum() for sl in positives]))
+        p_no_witness = float(np.mean([p_no_witness_without_replacement(sl.n_main, int(sl.instance_labels.sum()),
+                                                                       int(s)) for sl in positives]))
         config = replace(configs[name], sampler="random", s=int(s), seed=int(seed))
         start = time.perf_counter()
         result = train_e2e(data, ClassificationTask(2), config)
@@ -99,7 +124,7 @@ def collapse_grid(
             "test_auc": auc, "val_auc": float(result.val_metrics.get("auc", np.nan)),
             "best_epoch": result.best_epoch, "collapsed": bool(auc < chance_auc),
             "witness_mass": _witness_mass(result.attention, data["test"]),
-            "p_no_witness": p_no_witness_without_replacement(cohort.n_patches, n_tumour, int(s)),
+            "p_no_witness": p_no_witness,
             "wall_time_s": time.perf_counter() - start,
         })
     return pd.DataFrame(rows)

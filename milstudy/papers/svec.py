@@ -36,6 +36,15 @@ METRIC = {"detection": "auc", "subtyping": "auc", "grading": "auc", "survival": 
 # (at 200 slides and 10 epochs every model stayed at chance in trial runs).
 TASK_WORLD = {"grading": {"n_slides": 300}}
 TASK_TRAINING = {"grading": {"epochs": 20, "lr": 2e-3}}
+# The knob each task is calibrated on and the values tried. The tumour cue strength sets how hard detection,
+# grading and survival are; subtyping's label lives in the subtype cue, and the baseline samples the main scale
+# only, so its knob is the main-scale subtype cue (the low-scale architecture cue stays stronger, for MRIS).
+CALIBRATION_GRID = {
+    "detection": ("signal", (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+    "subtyping": ("subtype_main", (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
+    "grading": ("signal", (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+    "survival": ("signal", (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+}
 
 
 def base_world(task: str) -> DescriptorWorld:
@@ -59,16 +68,20 @@ def svec_config(world: DescriptorWorld, aggregator: str = "mean_pooling", seed: 
 
 
 # --------------------------------------------------------------------------------------------------- calibration
-def calibrate(task: str, values: Sequence[float], knob: str = "signal", train_seeds: Sequence[int] = (0, 1, 2),
-              base: DescriptorWorld | None = None, progress: bool = True, **config_overrides: Any) -> pd.DataFrame:
-    """Mean pooling trained on the calibration world (``CALIBRATION_SEED``) for each ``knob`` value and training
-    seed. One row per run: task, knob, value, seed, metric (its name), test (the test-split metric), val."""
+def calibrate(task: str, values: Sequence[float] | None = None, knob: str | None = None,
+              train_seeds: Sequence[int] = (0, 1, 2), base: DescriptorWorld | None = None, progress: bool = True,
+              **config_overrides: Any) -> pd.DataFrame:
+    """Mean pooling trained on the calibration world (``CALIBRATION_SEED``) for each ``knob`` value (default:
+    ``CALIBRATION_GRID[task]``) and training seed. One row per run: task, knob, value, seed, metric (its name),
+    test (the test-split metric), val, world (the digest of the world drawn)."""
     from tqdm.auto import tqdm
 
     from milstudy.data.synthetic.descriptors import descriptor_cohort
     from milstudy.train.e2e import train_e2e
 
     base = base or base_world(task)
+    knob = knob or CALIBRATION_GRID[task][0]
+    values = CALIBRATION_GRID[task][1] if values is None else values
     if knob not in {f.name for f in fields(DescriptorWorld)} or knob in ("task", "seed"):
         raise ValueError(f"calibrate: knob must be a DescriptorWorld field other than task/seed, got {knob!r}")
     metric = METRIC[task]
@@ -157,3 +170,24 @@ def freeze(summary: pd.DataFrame, chosen: dict[str, float | None], path: Path = 
                                        "n_seeds": int(row["n_seeds"])}
     write_json_atomic(Path(path), payload)
     return payload
+
+
+SMOKE_WORLD = {"n_slides": 16, "n_patches": (40, 80)}  # the smoke profile: a few seconds per run
+
+
+def profile_world(profile: str, task: str, seed: int = 0, n_slides: int | None = None,
+                  n_patches: Sequence[int] | None = None) -> tuple[DescriptorWorld, dict[str, list], Any]:
+    """The frozen world of ``task`` for a notebook profile (cpu / paper: as calibrated; smoke: ``SMOKE_WORLD``),
+    with optional ``n_slides`` / ``n_patches`` (a study's design), drawn: ``(world, slides per split, task)``."""
+    from milstudy.data.synthetic.descriptors import descriptor_cohort
+
+    if profile not in ("smoke", "cpu", "paper"):
+        raise ValueError(f"profile must be smoke, cpu or paper, got {profile!r}")
+    design: dict[str, Any] = dict(SMOKE_WORLD) if profile == "smoke" else {}
+    if n_slides:
+        design["n_slides"] = int(n_slides)
+    if n_patches:
+        design["n_patches"] = tuple(int(n) for n in n_patches)
+    world = calibrated_world(task, seed=seed, **design)
+    cohort = descriptor_cohort(world)
+    return world, cohort.splits, cohort.task

@@ -1,7 +1,8 @@
 """``milstudy calibrate``: calibrate the S-vec worlds (:mod:`milstudy.papers.svec`) and, with ``--freeze``, write the
 chosen knobs to ``milstudy/resources/svec_knobs.json``.
 
-``milstudy calibrate --tasks detection subtyping --values 1 1.5 2 2.5 3 --seeds 0 1 2 --out results/calibration``
+``milstudy calibrate --tasks detection subtyping --seeds 0 1 2 --out results/calibration`` (knob and values per
+task from ``CALIBRATION_GRID``, or ``--knob`` / ``--values`` for every task)
 writes ``calibration.csv`` (one row per run), ``calibration_summary.csv`` / ``.md`` (seed mean and sd per value,
 the target band, in band or not) and ``run.json`` into ``--out``.
 """
@@ -31,6 +32,7 @@ def _calibrate(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start, started = time.perf_counter(), now_iso()
+    environment = environment_info()  # at the start: the code that runs is the code checked out now
     tables = [svec.calibrate(task, args.values, knob=args.knob, train_seeds=args.seeds, progress=not args.quiet)
               for task in args.tasks]
     table = pd.concat(tables, ignore_index=True)
@@ -41,16 +43,19 @@ def _calibrate(args) -> int:
         frame.to_csv(tmp, index=False)
         tmp.replace(out / name)
     (out / "calibration_summary.md").write_text(summary.round(4).to_markdown(index=False) + "\n")
-    record = {"command": "calibrate", "tasks": args.tasks, "knob": args.knob, "values": args.values,
+    grid = {task: {"knob": str(part["knob"].iloc[0]), "values": sorted(part["value"].unique().tolist())}
+            for task, part in table.groupby("task")}
+    record = {"command": "calibrate", "tasks": args.tasks, "grid": grid,
               "seeds": args.seeds, "calibration_seed": svec.CALIBRATION_SEED, "chosen": chosen,
               "frozen": bool(args.freeze), "started": started, "finished": now_iso(),
-              "wall_time_s": round(time.perf_counter() - start, 1), **environment_info()}
+              "wall_time_s": round(time.perf_counter() - start, 1), **environment}
     write_json_atomic(out / "run.json", record)
     for task, value in chosen.items():
         if value is None:
-            log.warning("%s: no %s value puts mean pooling in the target band; nothing frozen for it", task, args.knob)
+            log.warning("%s: no %s value puts mean pooling in the target band; nothing frozen for it", task,
+                        grid[task]["knob"])
         else:
-            log.info("%s: %s = %s (mean pooling in the band)", task, args.knob, value)
+            log.info("%s: %s = %s (mean pooling in the band)", task, grid[task]["knob"], value)
     if args.freeze:
         svec.freeze(summary, chosen)
         log.info("frozen knobs written to %s", svec.KNOBS_FILE)
@@ -61,8 +66,9 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="calibrate the S-vec synthetic worlds against mean pooling")
     p.add_argument("--tasks", nargs="+", default=["detection", "subtyping", "grading", "survival"],
                    choices=("detection", "subtyping", "grading", "survival"))
-    p.add_argument("--knob", default="signal", help="the DescriptorWorld field varied (default signal)")
-    p.add_argument("--values", nargs="+", type=float, default=[1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
+    p.add_argument("--knob", default=None, help="the DescriptorWorld field varied (default: per task, "
+                   "milstudy.papers.svec.CALIBRATION_GRID)")
+    p.add_argument("--values", nargs="+", type=float, default=None, help="knob values (default: per task)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds per value")
     p.add_argument("--out", default="results/calibration", help="folder for the tables and run.json")
     p.add_argument("--freeze", action="store_true", help="write the chosen knobs to milstudy/resources/svec_knobs.json")
