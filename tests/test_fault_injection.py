@@ -88,7 +88,8 @@ def test_bag_dataset_refuses_undeclared_non_contiguous_labels(tmp_path):
 
 
 # ------------------------------------------------------------------------------ 5. NaN/inf bags up front
-def test_validate_bags_names_slide_and_file_before_training(tmp_path):
+def test_validate_bags_names_slide_and_file_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("MILSTUDY_CACHE", str(tmp_path / "cache"))  # the verdict cache stays in this test's folder
     good = np.ones((4, 3), np.float32)
     _bag(tmp_path / "ok.h5", good)
     bad = good.copy()
@@ -101,6 +102,7 @@ def test_validate_bags_names_slide_and_file_before_training(tmp_path):
         validate_bags(ds)
     validate_bags(BagDataset(manifest.iloc[:1], tmp_path))
     validate_bags(BagDataset(manifest.iloc[:1], tmp_path))  # cached: a second pass is a stat per bag
+    assert len(list((tmp_path / "cache" / "bag_checks").glob("*.ok"))) == 1  # one marker: the finite bag only
     _bag(tmp_path / "ok.h5", bad)  # the file changed: the cache must not vouch for it
     with pytest.raises(BagError, match="slide 'ok'"):
         validate_bags(BagDataset(manifest.iloc[:1], tmp_path))
