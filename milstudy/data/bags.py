@@ -86,13 +86,36 @@ def read_feature_shape(path: Path) -> tuple[int, int]:
     except OSError as err:
         raise BagError(f"{path}: not a readable HDF5 file ({err}); re-extract this slide") from err
     shape = tuple(s for i, s in enumerate(shape) if not (i < len(shape) - 2 and s == 1))
+    if 0 in shape:  # TRIDENT writes a slide without tissue patches as an empty (0,) array: an empty bag
+        return 0, int(shape[1]) if len(shape) == 2 else 0
     if len(shape) != 2:
         raise BagError(f"{path}: 'features' has shape {shape}, expected [N, D]")
     return int(shape[0]), int(shape[1])
 
 
+def _numpy_safe_globals() -> list:
+    """The numpy reconstructors a pickled ``np.ndarray`` needs (TRIDENT ``saveas='pt'`` pickles numpy arrays):
+    data types only, nothing that runs code, so ``weights_only`` loading stays safe."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    kinds = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")]
+    return [_reconstruct, np.ndarray, np.dtype, *kinds]
+
+
 def _load_pt(path: Path) -> np.ndarray:
-    value = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                value = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise BagError(f"{path}: not a tensor / numpy feature file that can be loaded safely (weights_only): "
+                           f"{str(err).split('.')[0]}; re-extract it as .h5 (TRIDENT: saveas='h5')") from None
     if isinstance(value, dict):
         if "features" not in value:
             raise BagError(f"{path}: no 'features' entry (keys: {sorted(value)})")
