@@ -419,7 +419,8 @@ def collate_bags(bags: Sequence[Bag]) -> dict[str, Any]:
     """Pad bags to the largest one.
 
     Returns ``features`` [B, N, D] (zeros at padding), ``mask`` [B, N] bool (True = real instance), ``coords``
-    [B, N, 2] int64 (zeros where padded or missing), ``instance_labels`` [B, N] int64 (-1 where padded or
+    [B, N, 2] int64 (zeros where padded; None when no bag has coordinates, e.g. CLAM ``pt_files``; a batch that
+    mixes bags with and without them is a ``BagError``), ``instance_labels`` [B, N] int64 (-1 where padded or
     unknown), ``targets`` (LongTensor [B], FloatTensor [B, 2] for survival, or None), ``slide_ids``, ``case_ids``.
     """
     if not bags:
@@ -433,6 +434,10 @@ def collate_bags(bags: Sequence[Bag]) -> dict[str, Any]:
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
     coords = torch.zeros(len(bags), n_max, 2, dtype=torch.int64)
     instance_labels = torch.full((len(bags), n_max), -1, dtype=torch.int64)
+    has_coords = [bag.coords is not None for bag in bags]
+    if any(has_coords) and not all(has_coords):
+        raise BagError(f"a batch mixes bags with and without coordinates: {[b.slide_id for b in bags if b.coords is None][:3]} "
+                       "have none; use one feature layout for the whole cohort (CLAM h5_files/ carry coords)")
     for i, (bag, n) in enumerate(zip(bags, sizes)):
         features[i, :n] = bag.features
         mask[i, :n] = True
@@ -443,7 +448,7 @@ def collate_bags(bags: Sequence[Bag]) -> dict[str, Any]:
     return {
         "features": features,
         "mask": mask,
-        "coords": coords,
+        "coords": coords if all(has_coords) else None,
         "instance_labels": instance_labels,
         "targets": _stack_targets([bag.target for bag in bags]),
         "slide_ids": [bag.slide_id for bag in bags],
