@@ -62,8 +62,9 @@ def _squeeze_leading(array: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def feature_file(feature_dir: str | os.PathLike, slide_id: str) -> Path | None:
-    """The feature file of a slide: ``<slide_id>.h5`` (preferred) or CLAM's ``<slide_id>.pt``; None if absent."""
-    for suffix in (".h5", ".pt"):
+    """The feature file of a slide: ``<slide_id>.h5`` (preferred), CLAM's ``<slide_id>.pt`` or torchmil's
+    ``<slide_id>.npy`` (:mod:`milstudy.data.torchmil_layout`); None if absent."""
+    for suffix in (".h5", ".pt", ".npy"):
         path = Path(feature_dir) / f"{slide_id}{suffix}"
         if path.is_file():
             return path
@@ -72,6 +73,13 @@ def feature_file(feature_dir: str | os.PathLike, slide_id: str) -> Path | None:
 
 def read_feature_shape(path: Path) -> tuple[int, int]:
     """(N, D) of a feature file without reading the data; raises ``BagError`` if it has no ``features``."""
+    if path.suffix == ".npy":
+        from milstudy.data.torchmil_layout import read_npy_shape
+
+        try:
+            return read_npy_shape(path)
+        except ValueError as err:
+            raise BagError(str(err)) from None
     if path.suffix == ".pt":
         array = _load_pt(path)
         return int(array.shape[0]), int(array.shape[1]) if array.ndim > 1 else 0
@@ -130,7 +138,12 @@ def read_feature_file(path: Path, slide_id: str | None = None) -> dict[str, np.n
     """
     name = slide_id or path.stem
     coords = labels = None
-    if path.suffix == ".pt":
+    if path.suffix == ".npy":
+        from milstudy.data.torchmil_layout import read_npy_bag
+
+        bag = read_npy_bag(path)
+        features, coords, labels = bag["features"], bag["coords"], bag["instance_labels"]
+    elif path.suffix == ".pt":
         features = _load_pt(path)
     else:
         import h5py
