@@ -156,8 +156,10 @@ def _write_bag(path: Path, datasets: dict[str, np.ndarray], attrs: dict, coords_
             tmp.unlink()
 
 
-def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: bool, progress, desc: str):
-    """Features float32 [M, D] and the grid indices [M] of the patches that could be read."""
+def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: bool, progress, desc: str,
+           resize: int | None = None):
+    """Features float32 [M, D] and the grid indices [M] of the patches that could be read; ``resize`` resamples
+    the uint8 patches to ``resize`` px (bilinear, antialiased) before the encoder."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -175,6 +177,10 @@ def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: boo
             n_failed += batch["n_failed"]
             if len(batch["indices"]):
                 images = batch["images"].to(device, non_blocking=True)
+                if resize and images.shape[-1] != resize:
+                    images = torch.nn.functional.interpolate(images.float(), size=(resize, resize), mode="bilinear",
+                                                             antialias=True, align_corners=False)
+                    images = images.round().clamp(0, 255).to(torch.uint8)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                     output = encoder(images)
                 chunks.append(output.float().cpu().numpy())
@@ -221,6 +227,7 @@ def extract_features(
     slide_mpp: float | None = None,
     allow_outside_root: bool = False,
     coords_dir: str | os.PathLike | None = None,
+    resize: int | None = None,
 ) -> pd.DataFrame:
     """Extract one feature bag per slide of ``manifest`` into ``out_dir``; returns the per-slide summary.
 
@@ -238,6 +245,8 @@ def extract_features(
     ``coords_dir``: reuse patch coordinates instead of tiling (CLAM ``patches/<slide>.h5``, TRIDENT
     ``<slide>_patches.h5`` or our grids; :mod:`milstudy.data.patch_coords`); their footprint must match
     ``target_mpp`` x ``patch_size`` on each slide, and the coordinate file is part of the resume key.
+    ``resize``: the encoder sees the patches resampled to this size (e.g. 256-px patches, the CLAM / TRIDENT
+    default, for a ViT trained at 224); part of the resume key.
     """
     import torch
     from tqdm.auto import tqdm
@@ -252,6 +261,8 @@ def extract_features(
 
     from milstudy.data.manifests import MPP_HINT, manifest_lines, output_paths, row_mpp
 
+    if resize is not None and int(resize) < 1:
+        raise ValueError(f"--resize must be a positive number of pixels, got {resize}")
     if not 0.0 <= float(max_unreadable) <= 1.0:
         raise ValueError(f"--max-unreadable must be a fraction in [0, 1], got {max_unreadable}")
     source = "manifest" if isinstance(manifest, pd.DataFrame) else str(manifest)
@@ -283,6 +294,8 @@ def extract_features(
         mpp = row_mpp(row, slide_mpp)
         settings = slide_settings(row, root, expected, min_tissue, mpp, precision)
         coords_path = coords_file(coords_dir, slide_id) if coords_dir is not None else None
+        if resize:
+            settings["resize"] = int(resize)
         if coords_dir is not None:
             settings["coords_file"] = _file_fingerprint(coords_path, whole=True) if coords_path else None
         if target.exists() and is_complete(target, expected, encoder.out_dim):
@@ -313,7 +326,7 @@ def extract_features(
                 record.update(status="empty", message=f"no tissue patches at min_tissue={min_tissue}")
             else:
                 features, kept, n_failed = _embed(encoder, PatchDataset(slide, grid), batch_size, num_workers,
-                                                  device, amp, bar_factory, slide_id[:24])
+                                                  device, amp, bar_factory, slide_id[:24], resize)
             slide.close()
             if len(grid) and n_failed > max_unreadable * len(grid):
                 raise _TooManyUnreadable(
@@ -370,7 +383,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         target_mpp=args.mpp, patch_size=args.patch_size, batch_size=args.batch_size, num_workers=args.workers,
         shard=args.shard, device=args.device, amp=not args.no_amp, min_tissue=args.min_tissue,
         max_unreadable=args.max_unreadable, slide_mpp=args.slide_mpp, allow_outside_root=args.allow_outside_root,
-        coords_dir=args.coords,
+        coords_dir=args.coords, resize=args.resize,
     )
     counts = summary["status"].value_counts().to_dict()
     headline = f"{len(summary)} slides: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {args.out}"
@@ -404,5 +417,7 @@ def add_commands(subparsers) -> None:
     extract.add_argument("--coords", default=None,
                          help="reuse patch coordinates from this folder (CLAM patches/<slide>.h5, TRIDENT "
                               "<slide>_patches.h5, or `milstudy data tile` grids) instead of tiling")
+    extract.add_argument("--resize", type=int, default=None,
+                         help="resample patches to this many px before the encoder (e.g. 224 for 256-px patches)")
     extract.set_defaults(func=_cmd_extract)
     features.set_defaults(func=lambda args: (features.print_help(), 2)[1])

@@ -161,3 +161,28 @@ def test_clam_and_trident_coordinates_are_reused_and_our_bags_carry_their_attrib
     assert "cover 64 level-0 px, but 32 px at 2.0 µm/px cover 32" in wrong["message"].iloc[0]
     missing = extract_features(tissue, "tiny_cnn", tmp_path / "none", slide_root=root, coords_dir=tmp_path, **OPTIONS)
     assert "no patch coordinates for slide tissue" in missing["message"].iloc[0]
+
+
+def test_resize_feeds_the_encoder_resampled_patches_and_keys_the_resume(cohort, tmp_path, monkeypatch):
+    """--resize: the encoder sees patches of the asked size; a rerun without it redoes the bag."""
+    import milstudy.features as features_module
+    from milstudy.encoders import build_encoder
+
+    torch.set_num_threads(1)
+    root, manifest = cohort
+    seen = []
+    original = build_encoder
+
+    def spying_encoder(*args, **kwargs):
+        encoder = original(*args, **kwargs)
+        encoder.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+        return encoder
+
+    monkeypatch.setattr("milstudy.encoders.build_encoder", spying_encoder)
+    tissue = manifest.iloc[:1]
+    done = features_module.extract_features(tissue, "tiny_cnn", tmp_path, slide_root=root, resize=48, **OPTIONS)
+    assert done["status"].tolist() == ["done"] and set(seen) == {(48, 48)}
+    again = features_module.extract_features(tissue, "tiny_cnn", tmp_path, slide_root=root, **OPTIONS)
+    assert again["status"].tolist() == ["done"] and "resize" in again["message"].iloc[0]
+    with pytest.raises(ValueError, match="--resize must be a positive"):
+        features_module.extract_features(tissue, "tiny_cnn", tmp_path, slide_root=root, resize=0, **OPTIONS)
