@@ -18,7 +18,8 @@ IN_DIM = 16
 TEST_KWARGS: dict[str, dict] = {"transmil": {"dim": 64}, "vitmil": {"dim": 64}, "qamil": {"dim": 64},
                                 "transmil_anchor": {"dim": 64}, "transmil_anchor_nsf": {"dim": 64},
                                 "rrtmil": {"dim": 64, "regions": 2, "crmsa_regions": 2},
-                                "longmil": {"dim": 32, "radius": 2.0}}
+                                "longmil": {"dim": 32, "radius": 2.0}, "fsa_rope": {"dim": 32},
+                                "abs_pe_mil": {"dim": 32}}
 
 
 def make_toy_bags(n_bags: int, n_instances: int = 10, dim: int = IN_DIM, seed: int = 0):

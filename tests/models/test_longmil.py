@@ -76,3 +76,28 @@ def test_bad_settings_are_named():
         build_model("longmil", 6, 2, dim=10, heads=4)
     with pytest.raises(ValueError, match="radius and layer counts"):
         build_model("longmil", 6, 2, radius=-1.0)
+
+
+def test_2d_rope_scores_depend_only_on_the_position_difference():
+    """spec §6.11: <R_p q, R_p' k> is a function of p - p' (random shifts of both positions)."""
+    from milstudy.models.longmil_baselines import rope_2d
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    p, p2 = torch.tensor([[[3, 7]]]), torch.tensor([[[10, 2]]])
+    score = (rope_2d(q, p) * rope_2d(k, p2)).sum()
+    for shift in ([5, -4], [100, 31], [-3, 0]):
+        s = torch.tensor(shift)
+        torch.testing.assert_close((rope_2d(q, p + s) * rope_2d(k, p2 + s)).sum(), score, atol=1e-10, rtol=0)
+    assert not torch.isclose((rope_2d(q, p) * rope_2d(k, p2 + torch.tensor([1, 0]))).sum(), score)
+
+
+def test_absolute_position_embedding_clamps_beyond_its_table_and_says_so():
+    torch.manual_seed(0)
+    model = build_model("abs_pe_mil", 4, 2, dim=8, max_position=4).double().eval()
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    inside = torch.tensor([[[0, 0], [256, 0], [768, 0]]])
+    beyond = torch.tensor([[[0, 0], [256, 0], [2560, 0]]])  # column 10 clamps to 3, the same as column 3
+    out, clamped = model(x, coords=inside), model(x, coords=beyond)
+    torch.testing.assert_close(clamped.logits, out.logits)
+    assert float(out.extras["clamped_share"]) == 0.0 and float(clamped.extras["clamped_share"]) == pytest.approx(1 / 3)
