@@ -108,14 +108,18 @@ class _Block(nn.Module):
         slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float64) * slope_scale if alibi else None
         self.register_buffer("slopes", slopes, persistent=False)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """``[B, h, N, d]`` attention output: 2-D local (``radius``) or full, with 2-D ALiBi when slopes exist."""
+        slopes = None if self.slopes is None else self.slopes.to(q.dtype)
+        if self.radius is None:
+            return full_attention_2d_alibi(q, k, v, positions, slopes, mask)
+        return local_attention_2d(q, k, v, positions, self.radius, slopes, mask)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, n, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(batch, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        slopes = None if self.slopes is None else self.slopes.to(x.dtype)
-        if self.radius is None:
-            attended = full_attention_2d_alibi(q, k, v, positions, slopes, mask)
-        else:
-            attended = local_attention_2d(q, k, v, positions, self.radius, slopes, mask)
+        attended = self.attend(q, k, v, positions, mask)
         x = x + self.proj(attended.transpose(1, 2).reshape(batch, n, dim)) * mask.unsqueeze(-1)
         return x + self.mlp(self.norm2(x)) * mask.unsqueeze(-1)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from milstudy.models.base import MILModel, MILOutput, register_model
 from milstudy.models.layers import check_bag_input
-from milstudy.models.longmil import grid_positions
+from milstudy.models.longmil import _Block, grid_positions
 
 
 def rope_2d(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -39,27 +39,17 @@ def rope_2d(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> 
     return torch.cat(out, -1)
 
 
-class _FullBlock(nn.Module):
-    """Pre-LN block with full masked self-attention, optionally 2-D RoPE on q and k."""
+class _FullBlock(_Block):
+    """LongMIL's pre-LN block with full masked self-attention (no ALiBi), optionally 2-D RoPE on q and k."""
 
     def __init__(self, dim: int, heads: int, rope: bool, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.rope = heads, rope
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        super().__init__(dim, heads, None, mlp_ratio, alibi=False, slope_scale=1.0, dropout=0.0)
+        self.rope = rope
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        batch, n, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(batch, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+    def attend(self, q, k, v, positions, mask):
         if self.rope:
             q, k = rope_2d(q, positions), rope_2d(k, positions)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, n, dim)) * mask.unsqueeze(-1)
-        return x + self.mlp(self.norm2(x)) * mask.unsqueeze(-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
 
 
 class PositionalFullMIL(MILModel):
