@@ -138,7 +138,7 @@ def is_complete(path: Path, expected: dict, feature_dim: int) -> bool:
         return False
 
 
-def _write_bag(path: Path, datasets: dict[str, np.ndarray], attrs: dict) -> None:
+def _write_bag(path: Path, datasets: dict[str, np.ndarray], attrs: dict, coords_attrs: dict | None = None) -> None:
     import h5py
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -148,14 +148,18 @@ def _write_bag(path: Path, datasets: dict[str, np.ndarray], attrs: dict) -> None
                 handle.create_dataset(key, data=value)
             for key, value in attrs.items():
                 handle.attrs[key] = value
+            for key, value in (coords_attrs or {}).items():  # where TRIDENT's readers look
+                handle["coords"].attrs[key] = value
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: bool, progress, desc: str):
-    """Features float32 [M, D] and the grid indices [M] of the patches that could be read."""
+def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: bool, progress, desc: str,
+           resize: int | None = None):
+    """Features float32 [M, D] and the grid indices [M] of the patches that could be read; ``resize`` resamples
+    the uint8 patches to ``resize`` px (bilinear, antialiased) before the encoder."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -173,6 +177,10 @@ def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: boo
             n_failed += batch["n_failed"]
             if len(batch["indices"]):
                 images = batch["images"].to(device, non_blocking=True)
+                if resize and images.shape[-1] != resize:
+                    images = torch.nn.functional.interpolate(images.float(), size=(resize, resize), mode="bilinear",
+                                                             antialias=True, align_corners=False)
+                    images = images.round().clamp(0, 255).to(torch.uint8)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                     output = encoder(images)
                 chunks.append(output.float().cpu().numpy())
@@ -218,6 +226,8 @@ def extract_features(
     max_unreadable: float = 0.1,
     slide_mpp: float | None = None,
     allow_outside_root: bool = False,
+    coords_dir: str | os.PathLike | None = None,
+    resize: int | None = None,
 ) -> pd.DataFrame:
     """Extract one feature bag per slide of ``manifest`` into ``out_dir``; returns the per-slide summary.
 
@@ -231,6 +241,12 @@ def extract_features(
     min_tissue, precision, slide and mask file fingerprints; see :func:`slide_settings`): a bag made with other
     settings is redone, and the message says which settings differed. Output files are ``<out>/<slide_id>.h5``;
     a slide_id that would leave ``out_dir`` or collide with another is refused before anything runs.
+
+    ``coords_dir``: reuse patch coordinates instead of tiling (CLAM ``patches/<slide>.h5``, TRIDENT
+    ``<slide>_patches.h5`` or our grids; :mod:`milstudy.data.patch_coords`); their footprint must match
+    ``target_mpp`` x ``patch_size`` on each slide, and the coordinate file is part of the resume key.
+    ``resize``: the encoder sees the patches resampled to this size (e.g. 256-px patches, the CLAM / TRIDENT
+    default, for a ViT trained at 224); part of the resume key.
     """
     import torch
     from tqdm.auto import tqdm
@@ -238,12 +254,15 @@ def extract_features(
     from milstudy.data.manifests import load_manifest, resolve_paths
     from milstudy.data.patches import PatchDataset
     from milstudy.data.slides import SlideResolutionError, open_slide
-    from milstudy.data.tiling import tile_slide
+    from milstudy.data.patch_coords import coords_file, grid_from_coords
+    from milstudy.data.tiling import coords_attributes, tile_slide
     from milstudy.encoders import build_encoder
     from milstudy.paths import slide_root as env_slide_root
 
     from milstudy.data.manifests import MPP_HINT, manifest_lines, output_paths, row_mpp
 
+    if resize is not None and int(resize) < 1:
+        raise ValueError(f"--resize must be a positive number of pixels, got {resize}")
     if not 0.0 <= float(max_unreadable) <= 1.0:
         raise ValueError(f"--max-unreadable must be a fraction in [0, 1], got {max_unreadable}")
     source = "manifest" if isinstance(manifest, pd.DataFrame) else str(manifest)
@@ -274,6 +293,11 @@ def extract_features(
         record = {"slide_id": slide_id, "status": "done", "n_patches": 0, "n_failed": 0, "message": ""}
         mpp = row_mpp(row, slide_mpp)
         settings = slide_settings(row, root, expected, min_tissue, mpp, precision)
+        coords_path = coords_file(coords_dir, slide_id) if coords_dir is not None else None
+        if resize:
+            settings["resize"] = int(resize)
+        if coords_dir is not None:
+            settings["coords_file"] = _file_fingerprint(coords_path, whole=True) if coords_path else None
         if target.exists() and is_complete(target, expected, encoder.out_dim):
             changed = settings_difference(target, settings)
             if changed is None:
@@ -290,13 +314,19 @@ def extract_features(
                 slide = open_slide(row["path"], mpp=mpp)
             except SlideResolutionError as err:
                 raise SlideResolutionError(str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)) from None
-            grid = tile_slide(slide, target_mpp, patch_size, min_tissue=min_tissue, slide_id=slide_id)
+            if coords_dir is None:
+                grid = tile_slide(slide, target_mpp, patch_size, min_tissue=min_tissue, slide_id=slide_id)
+            elif coords_path is None:
+                raise FileNotFoundError(f"no patch coordinates for slide {slide_id} in {coords_dir} (looked for "
+                                        f"{slide_id}_patches.h5 and {slide_id}.h5, also under patches/)")
+            else:
+                grid = grid_from_coords(coords_path, slide, target_mpp, patch_size, slide_id)
             if grid.is_empty:
                 features, kept, n_failed = np.zeros((0, encoder.out_dim), np.float32), np.zeros(0, np.int64), 0
                 record.update(status="empty", message=f"no tissue patches at min_tissue={min_tissue}")
             else:
                 features, kept, n_failed = _embed(encoder, PatchDataset(slide, grid), batch_size, num_workers,
-                                                  device, amp, bar_factory, slide_id[:24])
+                                                  device, amp, bar_factory, slide_id[:24], resize)
             slide.close()
             if len(grid) and n_failed > max_unreadable * len(grid):
                 raise _TooManyUnreadable(
@@ -310,7 +340,7 @@ def extract_features(
                      "read_size": grid.read_size, "size_level0": grid.size_level0, "slide_mpp": slide.mpp,
                      "min_tissue": float(min_tissue), "slide_id": slide_id, "slide_path": str(row["path"]),
                      "settings": json.dumps(settings, sort_keys=True)}
-            _write_bag(target, datasets, attrs)
+            _write_bag(target, datasets, attrs, coords_attributes(grid.size_level0, grid.patch_size, target_mpp))
             record.update(n_patches=len(kept), n_failed=n_failed)
             if n_failed:
                 record["message"] = "; ".join(filter(None, [record["message"],
@@ -353,6 +383,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         target_mpp=args.mpp, patch_size=args.patch_size, batch_size=args.batch_size, num_workers=args.workers,
         shard=args.shard, device=args.device, amp=not args.no_amp, min_tissue=args.min_tissue,
         max_unreadable=args.max_unreadable, slide_mpp=args.slide_mpp, allow_outside_root=args.allow_outside_root,
+        coords_dir=args.coords, resize=args.resize,
     )
     counts = summary["status"].value_counts().to_dict()
     headline = f"{len(summary)} slides: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {args.out}"
@@ -383,5 +414,10 @@ def add_commands(subparsers) -> None:
                          help="µm/px of level 0 for slides without metadata (a manifest 'mpp' column wins)")
     extract.add_argument("--allow-outside-root", action="store_true",
                          help="accept manifest paths that climb out of --slide-root with '..'")
+    extract.add_argument("--coords", default=None,
+                         help="reuse patch coordinates from this folder (CLAM patches/<slide>.h5, TRIDENT "
+                              "<slide>_patches.h5, or `milstudy data tile` grids) instead of tiling")
+    extract.add_argument("--resize", type=int, default=None,
+                         help="resample patches to this many px before the encoder (e.g. 224 for 256-px patches)")
     extract.set_defaults(func=_cmd_extract)
     features.set_defaults(func=lambda args: (features.print_help(), 2)[1])

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from urllib.parse import quote
 
 from milstudy import paths
+from milstudy.run_locks import clean_stale, remove_lock, write_lock
 from milstudy.provenance import device_line, environment_info, now_iso, read_run_json, write_json_atomic
 from milstudy.studies import (
     Study, StudyError, check_profile, load_studies, parse_cli_parameters, parse_shard,
@@ -210,6 +211,7 @@ def _move_into_place(source: Path, target: Path) -> None:
     if target.exists():
         parked = target.with_name(f".tmp-old-{target.name}-{uuid.uuid4().hex[:8]}")
         os.replace(target, parked)
+        write_lock(parked)
     os.replace(source, target)
     if parked is not None:
         shutil.rmtree(parked, ignore_errors=True)
@@ -241,6 +243,7 @@ def execute_study(job: RunJob) -> RunOutcome:
     job.profile_dir.mkdir(parents=True, exist_ok=True)
     tmp = (job.profile_dir / f".tmp-{stem}-{uuid.uuid4().hex[:8]}").resolve()
     tmp.mkdir()  # not mkdtemp: results keep the usual (umask) permissions, not 0700
+    write_lock(tmp)  # a killed run's folder is cleaned by the next run (milstudy.run_locks)
     executed = tmp / f"{stem}.ipynb"
     seed = job.parameters.get("seed", 0)
     env = {ENV_OUTPUT_DIR: str(tmp), ENV_PROFILE: job.profile, ENV_SEED: str(seed), ENV_NOTEBOOK: stem,
@@ -268,6 +271,7 @@ def execute_study(job: RunJob) -> RunOutcome:
             **job.environment,
         }
         write_json_atomic(tmp / "run.json", record)
+        remove_lock(tmp)  # results carry no lock
         if error is None:
             target = job.profile_dir / stem
             _move_into_place(tmp, target)
@@ -349,6 +353,10 @@ def run_batch(
     run_jobs = [RunJob(study, profile, parameters, profile_dir, kernel_name, timeout,
                        progress_bar=single and sys.stderr.isatty(), environment=environment, ipykernel=ipykernel)
                 for study, parameters in batch]
+    stale = clean_stale(profile_dir)
+    if stale["removed"]:
+        print(f"removed {len(stale['removed'])} temporary folder(s) left by killed runs: {stale['removed'][:3]}",
+              file=out)
     print(f"running {len(run_jobs)} notebook(s) under profile {profile!r} with kernel {kernel_name!r} "
           f"-> {profile_dir}", file=out, flush=True)
     done = []

@@ -110,3 +110,99 @@ def test_validate_bags_names_slide_and_file_before_training(tmp_path, monkeypatc
     nan[1, 0] = float("nan")
     with pytest.raises(BagError, match=r"slide 'm' \(in memory\): 1 instance"):
         validate_bags(BagListDataset([Bag(features=nan, slide_id="m", target=0)]))
+
+
+# ------------------------------------------------------------------- killed extraction, full disk (items 7, 10)
+def _slides(root: Path, n: int = 4) -> pd.DataFrame:
+    """``n`` small tissue slides (a pink disc on glass, 2 µm/px) and their manifest."""
+    yy, xx = np.mgrid[:512, :512]
+    rows = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        image = np.full((512, 512, 3), 245, np.uint8)
+        disc = (yy - 256) ** 2 + (xx - 256) ** 2 < (150 + 10 * i) ** 2
+        image[disc] = np.clip(np.array([215, 120, 180]) + rng.integers(-25, 25, (512, 512, 3)), 0, 255)[disc]
+        write_pyramidal_tiff(root / f"s{i}.tiff", image, mpp=2.0, compression="zlib")
+        rows.append({"slide_id": f"s{i}", "case_id": f"c{i}", "path": f"s{i}.tiff", "label": i % 2})
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return pd.DataFrame(rows)
+
+
+EXTRACT = ["--encoder", "tiny_cnn", "--mpp", "4.0", "--patch-size", "32", "--batch-size", "8", "--workers", "0",
+           "--device", "cpu"]
+
+
+def _datasets(folder: Path) -> dict[str, tuple]:
+    out = {}
+    for path in sorted(folder.glob("*.h5")):
+        with h5py.File(path) as handle:
+            out[path.name] = (handle["features"][()].tobytes(), handle["coords"][()].tobytes())
+    return out
+
+
+def test_sigkilled_extraction_resumes_to_the_same_bags(tmp_path):
+    """SIGKILL `milstudy features extract` once its first bag is written: the finished bags stay, no partial file
+    is taken for a bag, and the rerun skips the finished slides and gives the bags of an uninterrupted run."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides)
+    args = ["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides), *EXTRACT]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "milstudy.cli", *args, "--out", str(killed)], env=env,
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(killed.glob("s*.h5")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = set(p.name for p in killed.glob("s*.h5"))
+    assert finished and len(finished) < 4, "kill after the first bag, before the last"
+    assert main([*args, "--out", str(killed)]) == 0
+    summary = pd.read_csv(killed / "extraction_summary.csv").set_index("slide_id")["status"]
+    assert {f"{sid}.h5" for sid, status in summary.items() if status == "skipped"} == finished
+    assert _datasets(killed) == _datasets(tmp_path / "clean")
+    assert not list(killed.glob(".*.tmp"))
+
+
+def test_full_disk_during_extraction_is_recorded_and_keeps_finished_bags(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing the second bag (injected: no tmpfs can be mounted here): that slide is an error
+    that says "disk full", the first bag is intact, no temporary file is left, the command exits 1."""
+    import milstudy.features as features
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides, n=2)
+    real_write = features._write_bag
+
+    def write_or_fail(path, *args, **kwargs):
+        if path.name == "s1.h5":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(features, "_write_bag", write_or_fail)
+    out = tmp_path / "out"
+    code = main(["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides),
+                 *EXTRACT, "--out", str(out)])
+    assert code == 1
+    summary = pd.read_csv(out / "extraction_summary.csv").set_index("slide_id")
+    assert summary.loc["s0", "status"] == "done" and summary.loc["s1", "status"] == "error"
+    assert "disk full (ENOSPC)" in summary.loc["s1", "message"] and "s1.h5" in summary.loc["s1", "message"]
+    assert "disk full" in capsys.readouterr().out
+    assert BagDataset(pd.DataFrame({"slide_id": ["s0"], "label": [0]}), out)[0].features.shape[1] == 64
+    assert not list(out.glob(".*tmp*")) and not (out / "s1.h5").exists()
+
+
+def test_full_disk_in_any_command_is_one_line_and_exit_1(monkeypatch, capsys):
+    import milstudy.features as features
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/x.h5")
+
+    monkeypatch.setattr(features, "extract_features", full)
+    code = main(["features", "extract", "--manifest", "m.csv", "--encoder", "tiny_cnn", "--out", "o"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == ("error: disk full (ENOSPC): /data/out/x.h5; free space and rerun (finished "
+                                 "outputs are kept)")

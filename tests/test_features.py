@@ -111,3 +111,78 @@ def test_manifest_mask_path_writes_instance_labels(cohort, tmp_path):
     bag = BagDataset(rows, tmp_path / "bags", classes=["IDC", "ILC"])[0]
     expected = (bag.coords[:, 0] < 384).long()  # 64-px patches entirely left of x = 384
     assert torch.equal(bag.instance_labels, expected) and 0 < expected.sum() < len(expected)
+
+
+def _clam_patches(path, coords, patch_level, patch_size, downsample):
+    """CLAM ``create_patches_fp.py`` output (``wsi_core/WholeSlideImage.py`` ``process_contour`` -> ``save_hdf5``,
+    mahmoodlab/CLAM master): ``coords`` with ``patch_level``, ``patch_size`` (px at that level), ``downsample``."""
+    with h5py.File(path, "w") as handle:
+        dataset = handle.create_dataset("coords", data=coords)
+        dataset.attrs.update({"patch_level": patch_level, "patch_size": patch_size,
+                              "downsample": np.array(downsample, np.float64), "name": path.stem})
+
+
+def _trident_patches(path, coords, patch_size, patch_size_level0):
+    """TRIDENT ``WSI.extract_tissue_coords`` output (``trident/wsi_objects/WSI.py``, mahmoodlab/TRIDENT@0408667):
+    ``patches/<name>_patches.h5``, attributes on ``coords``."""
+    with h5py.File(path, "w") as handle:
+        dataset = handle.create_dataset("coords", data=coords)
+        dataset.attrs.update({"patch_size": patch_size, "patch_size_level0": patch_size_level0,
+                              "level0_magnification": 5, "target_magnification": 2.5, "overlap": 0,
+                              "name": "tissue", "savetodir": str(path.parent.parent)})
+
+
+def test_clam_and_trident_coordinates_are_reused_and_our_bags_carry_their_attributes(cohort, tmp_path):
+    """Extraction at coordinates written by CLAM or TRIDENT embeds exactly those patches (here: the ones our own
+    tiling picks, so the features must be identical); a footprint that does not match the settings is refused."""
+    torch.set_num_threads(1)
+    root, manifest = cohort
+    tissue = manifest.iloc[:1]
+    ours = extract_features(tissue, "tiny_cnn", tmp_path / "ours", slide_root=root, **OPTIONS)
+    with h5py.File(tmp_path / "ours" / "tissue.h5") as handle:
+        coords, features = handle["coords"][()], handle["features"][()]
+        assert handle["coords"].attrs["patch_size_level0"] == 64 and handle["coords"].attrs["patch_size"] == 32
+    picked = coords[::3]  # another tool's choice: every third patch
+    (tmp_path / "clam" / "patches").mkdir(parents=True)
+    _clam_patches(tmp_path / "clam" / "patches" / "tissue.h5", picked, patch_level=0, patch_size=64,
+                  downsample=(1.0, 1.0))
+    (tmp_path / "trident" / "patches").mkdir(parents=True)
+    _trident_patches(tmp_path / "trident" / "patches" / "tissue_patches.h5", picked, 32, 64)
+    for tool in ("clam", "trident"):
+        out = tmp_path / f"from_{tool}"
+        summary = extract_features(tissue, "tiny_cnn", out, slide_root=root, coords_dir=tmp_path / tool, **OPTIONS)
+        assert summary["status"].tolist() == ["done"] and ours["status"].tolist() == ["done"]
+        with h5py.File(out / "tissue.h5") as handle:
+            np.testing.assert_array_equal(handle["coords"][()], picked)
+            np.testing.assert_allclose(handle["features"][()], features[::3], atol=1e-6)
+    wrong = extract_features(tissue, "tiny_cnn", tmp_path / "wrong", slide_root=root, coords_dir=tmp_path / "trident",
+                             **{**OPTIONS, "target_mpp": 2.0})
+    assert wrong["status"].tolist() == ["error"]
+    assert "cover 64 level-0 px, but 32 px at 2.0 µm/px cover 32" in wrong["message"].iloc[0]
+    missing = extract_features(tissue, "tiny_cnn", tmp_path / "none", slide_root=root, coords_dir=tmp_path, **OPTIONS)
+    assert "no patch coordinates for slide tissue" in missing["message"].iloc[0]
+
+
+def test_resize_feeds_the_encoder_resampled_patches_and_keys_the_resume(cohort, tmp_path, monkeypatch):
+    """--resize: the encoder sees patches of the asked size; a rerun without it redoes the bag."""
+    import milstudy.features as features_module
+    from milstudy.encoders import build_encoder
+
+    torch.set_num_threads(1)
+    root, manifest = cohort
+    seen = []
+    original = build_encoder
+
+    def spying_encoder(*args, **kwargs):
+        encoder = original(*args, **kwargs)
+        encoder.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+        return encoder
+
+    monkeypatch.setattr("milstudy.encoders.build_encoder", spying_encoder)
+    tissue = manifest.iloc[:1]
+    done = features_module.extract_features(tissue, "tiny_cnn", tmp_path, slide_root=root, resize=48, **OPTIONS)
+    assert done["status"].tolist() == ["done"] and set(seen) == {(48, 48)}
+    again = features_module.extract_features(tissue, "tiny_cnn", tmp_path, slide_root=root, **OPTIONS)
+    assert again["status"].tolist() == ["done"] and "resize" in again["message"].iloc[0]
+    with pytest.raises(ValueError, match="--resize must be a positive"):
+        features_module.extract_features(tissue, "tiny_cnn", tmp_path, slide_root=root, resize=0, **OPTIONS)

@@ -283,6 +283,7 @@ def test_failing_rerun_keeps_previous_good_result(batch):
 def test_no_temporary_folders_left(batch):
     tree = batch[0]
     assert not [p for p in (tree.results_root / "smoke").rglob(".tmp*")]
+    assert not [p for p in (tree.results_root / "smoke").rglob(".lock")]  # results carry no run lock
 
 
 def test_report_indexes_figures_tables_and_provenance(batch):

@@ -58,3 +58,54 @@ def cohort_localization(
             "top_k_precision": top_k_precision(attention, labels),
         })
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ ASMIL localization (specs/asmil.md §4.2)
+def rescaled_scores(scores: Any) -> np.ndarray:
+    """Per-slide min-max rescaling of tile scores ``[N]`` (or ``[heads, N]``: head mean) to [0, 1]; any read-out,
+    not only a distribution; a constant slide gives zeros."""
+    a = np.asarray(scores, np.float64)
+    a = a.mean(0) if a.ndim == 2 else a.reshape(-1)
+    span = a.max() - a.min()
+    return np.zeros_like(a) if span <= 0 else (a - a.min()) / span
+
+
+def lesions(coords: Any, instance_labels: Any, stride: float | None = None) -> np.ndarray:
+    """Connected components (4-neighbour on the patch grid) of the tumour tiles: ``[N]`` lesion id, -1 for
+    non-tumour tiles. ``stride``: the grid step of ``coords`` (default: the smallest non-zero step)."""
+    from scipy import ndimage
+
+    coords = np.asarray(coords, np.int64)
+    y = as_instance_labels(instance_labels, len(coords))
+    if stride is None:
+        steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
+        steps = np.concatenate([s[s > 0] for s in steps])
+        stride = float(steps.min()) if len(steps) else 1.0
+    grid = np.round((coords - coords.min(0)) / stride).astype(np.int64)
+    canvas = np.zeros(grid.max(0) + 1, bool)
+    canvas[grid[y == 1, 0], grid[y == 1, 1]] = True
+    labelled, _ = ndimage.label(canvas)
+    ids = labelled[grid[:, 0], grid[:, 1]] - 1
+    return np.where(y == 1, ids, -1)
+
+
+def localization_scores(scores: Any, instance_labels: Any, coords: Any | None = None,
+                        threshold: float = 0.5) -> dict[str, float]:
+    """ASMIL's tile-level localization (spec §4.2) from one slide's read-out, min-max rescaled, thresholded:
+    ``dice`` (positive slides), ``specificity`` (share of tiles below the threshold; negative slides),
+    ``success`` (every tumour tile above it: the literal reading) and ``lesion_success`` (every lesion, a
+    connected component on the grid, has a tile above it; needs ``coords``). NaN where undefined."""
+    a = rescaled_scores(scores)
+    y = as_instance_labels(instance_labels, a.shape[0])
+    hit = a > threshold
+    out = {"dice": float("nan"), "specificity": float("nan"), "success": float("nan"),
+           "lesion_success": float("nan")}
+    if not y.any():
+        out["specificity"] = float((~hit).mean())
+        return out
+    out["dice"] = float(2 * (hit & (y == 1)).sum() / (hit.sum() + y.sum()))
+    out["success"] = float(hit[y == 1].all())
+    if coords is not None:
+        ids = lesions(coords, y)
+        out["lesion_success"] = float(all(hit[ids == lesion].any() for lesion in np.unique(ids[ids >= 0])))
+    return out

@@ -62,8 +62,9 @@ def _squeeze_leading(array: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def feature_file(feature_dir: str | os.PathLike, slide_id: str) -> Path | None:
-    """The feature file of a slide: ``<slide_id>.h5`` (preferred) or CLAM's ``<slide_id>.pt``; None if absent."""
-    for suffix in (".h5", ".pt"):
+    """The feature file of a slide: ``<slide_id>.h5`` (preferred), CLAM's ``<slide_id>.pt`` or torchmil's
+    ``<slide_id>.npy`` (:mod:`milstudy.data.torchmil_layout`); None if absent."""
+    for suffix in (".h5", ".pt", ".npy"):
         path = Path(feature_dir) / f"{slide_id}{suffix}"
         if path.is_file():
             return path
@@ -72,6 +73,13 @@ def feature_file(feature_dir: str | os.PathLike, slide_id: str) -> Path | None:
 
 def read_feature_shape(path: Path) -> tuple[int, int]:
     """(N, D) of a feature file without reading the data; raises ``BagError`` if it has no ``features``."""
+    if path.suffix == ".npy":
+        from milstudy.data.torchmil_layout import read_npy_shape
+
+        try:
+            return read_npy_shape(path)
+        except ValueError as err:
+            raise BagError(str(err)) from None
     if path.suffix == ".pt":
         array = _load_pt(path)
         return int(array.shape[0]), int(array.shape[1]) if array.ndim > 1 else 0
@@ -86,13 +94,36 @@ def read_feature_shape(path: Path) -> tuple[int, int]:
     except OSError as err:
         raise BagError(f"{path}: not a readable HDF5 file ({err}); re-extract this slide") from err
     shape = tuple(s for i, s in enumerate(shape) if not (i < len(shape) - 2 and s == 1))
+    if 0 in shape:  # TRIDENT writes a slide without tissue patches as an empty (0,) array: an empty bag
+        return 0, int(shape[1]) if len(shape) == 2 else 0
     if len(shape) != 2:
         raise BagError(f"{path}: 'features' has shape {shape}, expected [N, D]")
     return int(shape[0]), int(shape[1])
 
 
+def _numpy_safe_globals() -> list:
+    """The numpy reconstructors a pickled ``np.ndarray`` needs (TRIDENT ``saveas='pt'`` pickles numpy arrays):
+    data types only, nothing that runs code, so ``weights_only`` loading stays safe."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    kinds = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")]
+    return [_reconstruct, np.ndarray, np.dtype, *kinds]
+
+
 def _load_pt(path: Path) -> np.ndarray:
-    value = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                value = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise BagError(f"{path}: not a tensor / numpy feature file that can be loaded safely (weights_only): "
+                           f"{str(err).split('.')[0]}; re-extract it as .h5 (TRIDENT: saveas='h5')") from None
     if isinstance(value, dict):
         if "features" not in value:
             raise BagError(f"{path}: no 'features' entry (keys: {sorted(value)})")
@@ -107,7 +138,12 @@ def read_feature_file(path: Path, slide_id: str | None = None) -> dict[str, np.n
     """
     name = slide_id or path.stem
     coords = labels = None
-    if path.suffix == ".pt":
+    if path.suffix == ".npy":
+        from milstudy.data.torchmil_layout import read_npy_bag
+
+        bag = read_npy_bag(path)
+        features, coords, labels = bag["features"], bag["coords"], bag["instance_labels"]
+    elif path.suffix == ".pt":
         features = _load_pt(path)
     else:
         import h5py
@@ -396,7 +432,8 @@ def collate_bags(bags: Sequence[Bag]) -> dict[str, Any]:
     """Pad bags to the largest one.
 
     Returns ``features`` [B, N, D] (zeros at padding), ``mask`` [B, N] bool (True = real instance), ``coords``
-    [B, N, 2] int64 (zeros where padded or missing), ``instance_labels`` [B, N] int64 (-1 where padded or
+    [B, N, 2] int64 (zeros where padded; None when no bag has coordinates, e.g. CLAM ``pt_files``; a batch that
+    mixes bags with and without them is a ``BagError``), ``instance_labels`` [B, N] int64 (-1 where padded or
     unknown), ``targets`` (LongTensor [B], FloatTensor [B, 2] for survival, or None), ``slide_ids``, ``case_ids``.
     """
     if not bags:
@@ -410,6 +447,10 @@ def collate_bags(bags: Sequence[Bag]) -> dict[str, Any]:
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
     coords = torch.zeros(len(bags), n_max, 2, dtype=torch.int64)
     instance_labels = torch.full((len(bags), n_max), -1, dtype=torch.int64)
+    has_coords = [bag.coords is not None for bag in bags]
+    if any(has_coords) and not all(has_coords):
+        raise BagError(f"a batch mixes bags with and without coordinates: {[b.slide_id for b in bags if b.coords is None][:3]} "
+                       "have none; use one feature layout for the whole cohort (CLAM h5_files/ carry coords)")
     for i, (bag, n) in enumerate(zip(bags, sizes)):
         features[i, :n] = bag.features
         mask[i, :n] = True
@@ -420,7 +461,7 @@ def collate_bags(bags: Sequence[Bag]) -> dict[str, Any]:
     return {
         "features": features,
         "mask": mask,
-        "coords": coords,
+        "coords": coords if all(has_coords) else None,
         "instance_labels": instance_labels,
         "targets": _stack_targets([bag.target for bag in bags]),
         "slide_ids": [bag.slide_id for bag in bags],

@@ -19,6 +19,7 @@ Every validation error names the file, the row (file line, header = line 1) and 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -29,6 +30,8 @@ import numpy as np
 import pandas as pd
 
 from milstudy.paths import slide_root as _env_slide_root
+
+log = logging.getLogger("milstudy.data")
 
 SPLIT_VALUES = ("train", "val", "test")
 TEXT_COLUMNS = ("slide_id", "case_id", "path", "report", "split")
@@ -87,6 +90,7 @@ def load_manifest(
     made absolute (see ``resolve_paths``). Raises ``ManifestError`` naming the file, row and column.
     """
     df, source, from_file = _read(path_or_df)
+    _censorship_to_event(df, source, from_file)
     missing = [c for c in require if c not in df.columns]
     if missing:
         raise ManifestError(
@@ -114,6 +118,29 @@ def load_manifest(
     if slide_root is not None:
         df = resolve_paths(df, slide_root, source=source if from_file else None)
     return df
+
+
+def _censorship_to_event(df: pd.DataFrame, source: str, from_file: bool) -> None:
+    """CLAM / PORPOISE survival CSVs give ``censorship`` (1 = censored, 0 = event observed): add ``event`` =
+    1 - censorship (said in a log line), or check that both columns agree when the manifest has both."""
+    if "censorship" not in df.columns:
+        return
+    values = pd.to_numeric(df["censorship"], errors="coerce")
+    bad = df.index[df["censorship"].notna() & ~values.isin([0, 1])]
+    if len(bad):
+        raise ManifestError(f"{_rows(source, bad, from_file)}: column 'censorship' must be 0 (event observed) or 1 "
+                            f"(censored), got {df.loc[bad[0], 'censorship']!r}")
+    event = 1 - values
+    if "event" in df.columns:
+        given = pd.to_numeric(df["event"], errors="coerce")
+        clash = df.index[given.notna() & event.notna() & (given != event)]
+        if len(clash):
+            raise ManifestError(f"{_rows(source, clash, from_file)}: columns 'event' and 'censorship' disagree "
+                                "(event must be 1 - censorship); keep one of them")
+        return
+    df["event"] = event.astype("Int64")
+    log.info("%s: survival events from column 'censorship' (CLAM/PORPOISE convention): event = 1 - censorship "
+             "(%d events, %d censored)", source, int((event == 1).sum()), int((event == 0).sum()))
 
 
 def _check_numeric(df: pd.DataFrame, source: str, from_file: bool) -> None:

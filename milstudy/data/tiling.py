@@ -339,8 +339,18 @@ def save_grid(path: str | os.PathLike, grid: PatchGrid, datasets: dict | None = 
     return path
 
 
+def coords_attributes(size_level0: int, patch_size: int, target_mpp: float) -> dict:
+    """Attributes written on every ``coords`` dataset we save, so that TRIDENT's readers (and its slide encoders,
+    which look for ``patch_size_level0`` there) and ours find the patch size: TRIDENT ``patch_size_level0`` /
+    ``patch_size``, ours ``size_level0`` / ``target_mpp`` (also on the file root)."""
+    return {"patch_size_level0": int(size_level0), "patch_size": int(patch_size), "size_level0": int(size_level0),
+            "target_mpp": float(target_mpp)}
+
+
 def _write_group(group, grid: PatchGrid, datasets: dict) -> None:
-    group.create_dataset("coords", data=np.asarray(grid.coords, np.int64).reshape(-1, 2))
+    coords = group.create_dataset("coords", data=np.asarray(grid.coords, np.int64).reshape(-1, 2))
+    for key, value in coords_attributes(grid.size_level0, grid.patch_size, grid.target_mpp).items():
+        coords.attrs[key] = value
     group.create_dataset("tissue_fraction", data=np.asarray(grid.tissue_fraction, np.float32))
     for name, value in datasets.items():
         group.create_dataset(name, data=np.asarray(value))

@@ -5,7 +5,9 @@ pooling (mean, max), abmil (Ilse et al. 2018), clam (CLAM-SB), dsmil, transmil, 
 2024), abmilx (spec abmilx.md), transformer_mil (ViTMIL, QAMIL of the ABMILX paper's Table 5).
 Models whose auxiliary losses need the bag label have ``needs_targets = True`` and accept ``targets=``.
 Shared attention kernels: ``local_attention``: exact tiled 2-D local attention with ALiBi in linear memory and
-query-chunked full attention with 2-D ALiBi (LongMIL, specs/longmil.md §2.3-2.4), with their dense oracle.
+query-chunked full attention with 2-D ALiBi (LongMIL, specs/longmil.md §2.3-2.4), with their dense oracle;
+``longmil``: the LongMIL model on them (position-aware: ``needs_coords``); ``longmil_baselines``: its FSA + 2-D
+RoPE and learned absolute 2-D position baselines.
 """
 
 from milstudy.models.base import (
@@ -19,7 +21,7 @@ from milstudy.models.base import (
 )
 from milstudy.models.layers import PAD_LOGIT, masked_softmax
 from milstudy.models.local_attention import dense_local_attention_2d, full_attention_2d_alibi, local_attention_2d
-from milstudy.models import abmil, abmilx, clam, dsmil, pooling, rrtmil, transformer_mil, transmil  # noqa: F401,E402  (registration)
+from milstudy.models import abmil, abmilx, clam, dsmil, longmil, longmil_baselines, pooling, rrtmil, transformer_mil, transmil  # noqa: F401,E402  (registration)
 from milstudy.models import asmil  # noqa: F401,E402  (registration; after the bases it wraps)
 
 __all__ = [

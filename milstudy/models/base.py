@@ -84,7 +84,8 @@ class MILModel(nn.Module):
 
     Class attributes the trainers and tests read: ``needs_targets`` (the forward takes ``targets=`` for a
     label-driven auxiliary loss, e.g. CLAM), ``permutation_invariant`` (False for models with positions, e.g.
-    TransMIL's PPEG).
+    TransMIL's PPEG), ``needs_coords`` (the forward uses patch coordinates: the trainers refuse bags without
+    them, e.g. CLAM ``pt_files``, instead of passing zeros).
 
     Training hooks, no-ops here: every training path calls ``after_optimizer_step()`` right after each optimizer
     step and ``on_epoch_end(epoch)`` at the end of each epoch (1-based). An EMA anchor (ASMIL, spec asmil.md §2.3:
@@ -93,6 +94,7 @@ class MILModel(nn.Module):
 
     needs_targets: bool = False
     permutation_invariant: bool = True
+    needs_coords: bool = False
 
     def after_optimizer_step(self) -> None:
         """Called by every training path right after each optimizer step (default: nothing)."""

@@ -103,6 +103,11 @@ def _forward(model: nn.Module, batch: dict[str, Any], targets: torch.Tensor | No
             f"slides {batch['slide_ids'][:3]}: feature dimension {batch['features'].shape[-1]} does not match the "
             f"model's in_dim {in_dim}; build the model with in_dim={batch['features'].shape[-1]}"
         )
+    if getattr(model, "needs_coords", False) and batch["coords"] is None:
+        raise ValueError(
+            f"slides {batch['slide_ids'][:3]}: {type(model).__name__} is position-aware and needs patch coordinates, "
+            "but these bags have none (CLAM pt_files/ and plain .pt features carry no coordinates): use CLAM's "
+            "h5_files/, TRIDENT's .h5 features or `milstudy features extract`")
     kwargs: dict[str, Any] = {"coords": batch["coords"], "mask": batch["mask"]}
     # Models with label-driven auxiliary losses (CLAM's instance loss) get the bag labels when the task has class
     # labels; survival targets (time, event) have no classes, so such models train on the task loss alone.

@@ -91,18 +91,19 @@ def describe_device(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ features
 def _has_features(folder: Path) -> bool:
-    return folder.is_dir() and any(p.suffix in (".h5", ".pt") for p in folder.iterdir())
+    return folder.is_dir() and any(p.suffix in (".h5", ".pt", ".npy") for p in folder.iterdir())
 
 
 def resolve_feature_dir(path: str | os.PathLike) -> Path:
-    """The folder that holds ``<slide_id>.h5`` / ``.pt``: ``path`` itself, CLAM's ``path/h5_files`` (preferred:
-    it has coordinates) or ``path/pt_files``, or TRIDENT's single ``path/features_<encoder>``."""
+    """The folder that holds ``<slide_id>.h5`` / ``.pt`` / ``.npy``: ``path`` itself, CLAM's ``path/h5_files``
+    (preferred: it has coordinates) or ``path/pt_files``, torchmil's ``path/features``, or TRIDENT's single
+    ``path/features_<encoder>``."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"--features {root}: the feature folder does not exist")
     if _has_features(root):
         return root
-    for sub in ("h5_files", "pt_files"):
+    for sub in ("h5_files", "pt_files", "features"):
         if _has_features(root / sub):
             return root / sub
     trident = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("features_") and _has_features(p))
@@ -111,8 +112,8 @@ def resolve_feature_dir(path: str | os.PathLike) -> Path:
     if trident:
         raise ValueError(f"--features {root}: several encoders' features {[p.name for p in trident]}; point "
                          "--features at one of them")
-    raise ValueError(f"--features {root}: no feature files (*.h5, *.pt) there nor in h5_files/, pt_files/ or "
-                     "features_<encoder>/")
+    raise ValueError(f"--features {root}: no feature files (*.h5, *.pt, *.npy) there nor in h5_files/, "
+                     "pt_files/, features/ or features_<encoder>/")
 
 
 # ------------------------------------------------------------------------------------------------ manifests

@@ -142,3 +142,46 @@ def test_case_level_bags_are_the_union_of_their_slides(tmp_path):
     df.loc[2, "survival_months"] = 6.0
     with pytest.raises(BagError, match="case 'A': its slides have different targets"):
         BagDataset(df, tmp_path, target="survival", by_case=True)
+
+
+def test_trident_empty_slide_is_a_recorded_skip_not_an_abort(tmp_path):
+    """TRIDENT (trident/IO.py ``save_h5``, mahmoodlab/TRIDENT@0408667) writes a slide without tissue patches as
+    ``features`` of shape ``(0,)``: that slide is skipped and recorded, the others load."""
+    _h5(tmp_path / "empty.h5", np.zeros((0,), np.float32), np.zeros((0,), np.int64))
+    _h5(tmp_path / "full.h5", np.ones((4, 3), np.float32), np.zeros((4, 2), np.int64))
+    with pytest.warns(UserWarning, match="skipped 1 slide"):
+        ds = BagDataset(_manifest(["empty", "full"], [0, 1]), tmp_path, classes=[0, 1])
+    assert ds.skipped == [("empty", "empty bag (0 instances)")] and len(ds) == 1 and ds.feature_dim == 3
+
+
+def test_numpy_pt_features_load_safely_and_other_pickles_are_refused(tmp_path):
+    """``saveas='pt'`` numpy arrays (torch.save of an ndarray) load under weights_only with numpy's reconstructors
+    allowed; a pickle of anything else is a BagError naming the file, not a raw UnpicklingError."""
+    import pickle
+
+    torch.save(np.arange(12, dtype=np.float32).reshape(4, 3), tmp_path / "np.pt")
+    ds = BagDataset(_manifest(["np"], [1]), tmp_path, classes=[0, 1])
+    assert ds[0].features.shape == (4, 3) and float(ds[0].features[3, 2]) == 11.0
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(pd.Timestamp("2020-01-01")))
+    with pytest.raises(BagError, match=r"evil\.pt: not a tensor / numpy feature file.*saveas='h5'"):
+        BagDataset(_manifest(["evil"], [1]), tmp_path, classes=[0, 1])
+
+
+def test_clam_censorship_column_becomes_event(tmp_path, caplog):
+    """CLAM / PORPOISE survival CSVs (CLAM dataset_csv, ``censorship`` = 1 - event) load as survival targets."""
+    import logging
+
+    from milstudy.data.manifests import ManifestError, load_manifest
+
+    _h5(tmp_path / "a.h5", np.ones((2, 3), np.float32))
+    _h5(tmp_path / "b.h5", np.ones((2, 3), np.float32))
+    frame = pd.DataFrame({"case_id": ["a", "b"], "slide_id": ["a", "b"], "survival_months": [10.0, 20.0],
+                          "censorship": [1, 0]})
+    with caplog.at_level(logging.INFO, logger="milstudy.data"):
+        ds = BagDataset(frame, tmp_path, target="survival")
+    assert [t.tolist() for t in ds.targets] == [[10.0, 0.0], [20.0, 1.0]]
+    assert "event = 1 - censorship (1 events, 1 censored)" in caplog.text
+    with pytest.raises(ManifestError, match="'event' and 'censorship' disagree"):
+        load_manifest(frame.assign(event=[1, 1]), require=("slide_id",))
+    with pytest.raises(ManifestError, match="column 'censorship' must be 0"):
+        load_manifest(frame.assign(censorship=[1, 2]), require=("slide_id",))

@@ -17,7 +17,9 @@ IN_DIM = 16
 # multi-token regions, same code path.
 TEST_KWARGS: dict[str, dict] = {"transmil": {"dim": 64}, "vitmil": {"dim": 64}, "qamil": {"dim": 64},
                                 "transmil_anchor": {"dim": 64}, "transmil_anchor_nsf": {"dim": 64},
-                                "rrtmil": {"dim": 64, "regions": 2, "crmsa_regions": 2}}
+                                "rrtmil": {"dim": 64, "regions": 2, "crmsa_regions": 2},
+                                "longmil": {"dim": 32, "radius": 2.0}, "fsa_rope": {"dim": 32},
+                                "abs_pe_mil": {"dim": 32}}
 
 
 def make_toy_bags(n_bags: int, n_instances: int = 10, dim: int = IN_DIM, seed: int = 0):
@@ -36,11 +38,21 @@ def make_toy_bags(n_bags: int, n_instances: int = 10, dim: int = IN_DIM, seed: i
     return x, labels
 
 
+def raster_coords(batch: int, n: int, stride: int = 256) -> torch.Tensor:
+    """Level-0 coordinates ``[batch, n, 2]`` of n patches in row-major order on a square grid (the same for every
+    bag, so a padded bag's first tokens sit where the bag alone puts them)."""
+    side = max(1, int(n ** 0.5 + 0.999999))
+    index = torch.arange(n)
+    return (torch.stack([index % side, index // side], -1) * stride).expand(batch, n, 2).clone()
+
+
 def forward(model, x, mask=None, targets=None):
-    """Call a zoo model, passing ``targets`` only to models that need them (the trainer's convention)."""
+    """Call a zoo model, passing ``targets`` only to models that need them (the trainer's convention) and raster
+    ``coords`` to position-aware models (``needs_coords``)."""
+    kwargs = {"coords": raster_coords(*x.shape[:2])} if getattr(model, "needs_coords", False) else {}
     if targets is not None and getattr(model, "needs_targets", False):
-        return model(x, mask=mask, targets=targets)
-    return model(x, mask=mask)
+        return model(x, mask=mask, targets=targets, **kwargs)
+    return model(x, mask=mask, **kwargs)
 
 
 def fit_toy(name: str, epochs: int = 12, seed: int = 0, **kwargs) -> float:
@@ -61,7 +73,7 @@ def fit_toy(name: str, epochs: int = 12, seed: int = 0, **kwargs) -> float:
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        return (model(x_test).logits.argmax(-1) == y_test).float().mean().item()
+        return (forward(model, x_test).logits.argmax(-1) == y_test).float().mean().item()
 
 
 @pytest.fixture

@@ -275,3 +275,37 @@ def test_selection_never_sees_the_test_labels(cohort, tmp_path):
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     auc = [json.loads((tmp_path / r / "seed0" / "fold0" / "metrics.json").read_text())["test"]["auc"] for r in "ab"]
     assert auc[0] == pytest.approx(1 - auc[1])
+
+
+def _torchmil_folder(root, table, features_dir):
+    """A torchmil ``ProcessedMILDataset`` folder (torchmil/datasets/processed_mil_dataset.py, Franblueee/torchmil
+    @cf94851): ``features/``, ``labels/``, ``inst_labels/``, ``coords/`` with one ``<bag>.npy`` each."""
+    for sub in ("features", "labels", "inst_labels", "coords"):
+        (root / sub).mkdir(parents=True)
+    for row in table.itertuples():
+        with h5py.File(features_dir / f"{row.slide_id}.h5") as handle:
+            features, coords = handle["features"][()], handle["coords"][()]
+        np.save(root / "features" / f"{row.slide_id}.npy", features)
+        np.save(root / "labels" / f"{row.slide_id}.npy", np.array([row.index_label]))
+        np.save(root / "inst_labels" / f"{row.slide_id}.npy", np.zeros(len(features), np.int64))
+        np.save(root / "coords" / f"{row.slide_id}.npy", coords)
+
+
+def test_a_torchmil_folder_trains_with_a_manifest_from_its_labels(cohort, tmp_path):
+    from milstudy.data.bags import BagDataset
+    from milstudy.data.torchmil_layout import torchmil_manifest
+
+    root = tmp_path / "torchmil"
+    _torchmil_folder(root, cohort["table"], cohort["features"])
+    manifest = torchmil_manifest(root)
+    assert manifest["label"].tolist() == cohort["table"]["index_label"].tolist()
+    bag = BagDataset(manifest, root / "features")[0]
+    assert bag.coords is not None and bag.instance_labels is not None and bag.features.dtype == torch.float32
+    manifest.merge(cohort["table"][["slide_id", "split"]]).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "run"
+    assert main(["train", "--manifest", str(tmp_path / "m.csv"), "--features", str(root), "--split-column", "split",
+                 "--out", str(out), *FAST]) == 0
+    assert json.loads((out / "seed0" / "fold0" / "metrics.json").read_text())["test"]["auc"] > 0.9
+    (root / "labels" / "s00.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="bag 's00' has features but no label file"):
+        torchmil_manifest(root)

@@ -1,0 +1,167 @@
+"""LongMIL (Li et al., NeurIPS 2024, "Rethinking Transformer for Long Contextual Histopathology WSI Analysis";
+``shared/papers/004_cf96cfc6d2df712f.txt``; our spec ``shared/specs/longmil.md`` §2.2-2.3): local-global
+self-attention over the 2-D patch grid.
+
+Layout (``preset="paper"``, spec §2.2): ``Linear(d_in, 384) + ReLU`` -> 2 pre-LN blocks of exact 2-D **local**
+attention (keys within Euclidean radius r = 10 grid units, every head masked, 2-D ALiBi ``-m_h D_ij`` inside the
+window, :func:`milstudy.models.local_attention.local_attention_2d`) -> 2 x 2 pooling by grid cell (the mean of the
+1-4 tokens of a cell, at the cell's index: our rule, spec §2.2) -> 1 pre-LN block of exact **full** attention with
+unclipped Euclidean 2-D ALiBi (:func:`~milstudy.models.local_attention.full_attention_2d_alibi`) -> mean over
+tokens -> LayerNorm -> Linear. 1 head, dropout 0, MLP ratio 4 with GELU, ``qkv_bias=False``, scale 1/sqrt(d_h).
+Slopes: the ALiBi schedule ``m_k = 2^(-8k/n)`` (Press et al. interleave when n is not a power of two).
+
+Positions: models receive level-0 coordinates; :func:`grid_positions` turns them into integer grid units by the
+bag's patch stride (``stride=`` or the ``stride`` kwarg; without it, the smallest non-zero coordinate step of the
+bag, reported in ``MILOutput.extras["grid_stride"]``). ``needs_coords``: bags without coordinates are refused.
+The readout is a mean, so there is no attention over instances (``attention=None``). Not permutation invariant
+in ``x`` alone (positions move with the tokens); permuting tokens *with* their coordinates leaves the logits
+unchanged (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from milstudy.models.base import MILModel, MILOutput, register_model
+from milstudy.models.layers import check_bag_input
+from milstudy.models.local_attention import full_attention_2d_alibi, local_attention_2d
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi slopes (Press et al.): ``2^(-8k/n)``, k = 1..n, for n a power of two; otherwise those of the nearest
+    lower power of two followed by every other slope of the next one (1 head: [2^-8]; 6: [.25, .0625, .015625,
+    .00390625, .5, .125])."""
+    if n_heads < 1:
+        raise ValueError(f"alibi_slopes: need >= 1 head, got {n_heads}")
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+
+    if math.log2(n_heads).is_integer():
+        return power_of_two(n_heads)
+    low = 2 ** int(math.floor(math.log2(n_heads)))
+    return power_of_two(low) + power_of_two(2 * low)[0::2][: n_heads - low]
+
+
+def grid_positions(coords: torch.Tensor, mask: torch.Tensor, stride: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer grid positions ``[B, N, 2]`` from level-0 coordinates: ``(c - min over the bag) / stride``, rounded;
+    ``stride`` per bag ``[B]``: the given one, or the smallest positive step between distinct x (or y) values of
+    the bag's real tokens (1 if the bag has a single position). Padding positions are 0."""
+    if coords is None:
+        raise ValueError("LongMIL is position-aware and needs patch coordinates [B, N, 2]; these bags have none "
+                         "(CLAM pt_files/ carry no coordinates: use h5_files/ or `milstudy features extract`)")
+    coords = coords.to(torch.float64)
+    positions, strides = torch.zeros(coords.shape, dtype=torch.long, device=coords.device), []
+    for b in range(coords.shape[0]):
+        real = coords[b][mask[b]]
+        step = stride
+        if step is None:
+            steps = [torch.diff(torch.unique(real[:, axis])) for axis in (0, 1)]
+            steps = torch.cat([s[s > 0] for s in steps])
+            step = float(steps.min()) if len(steps) else 1.0
+        if step <= 0:
+            raise ValueError(f"LongMIL: the patch stride must be positive, got {step}")
+        strides.append(step)
+        grid = torch.round((real - real.min(0).values) / step).to(torch.long)
+        positions[b][mask[b]] = grid
+    return positions, torch.tensor(strides, dtype=torch.float64)
+
+
+def pool_2x2(x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average the tokens of each 2 x 2 grid cell (cell = position // 2) into one token at the cell's index;
+    returns padded ``(x [B, M, D], positions [B, M, 2], mask [B, M])``, M = the largest cell count of the batch."""
+    pooled = []
+    for b in range(x.shape[0]):
+        cells = torch.div(positions[b][mask[b]], 2, rounding_mode="floor")
+        unique, inverse = torch.unique(cells, dim=0, return_inverse=True)
+        sums = torch.zeros(len(unique), x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x[b][mask[b]])
+        counts = torch.bincount(inverse, minlength=len(unique)).to(x.dtype).unsqueeze(-1)
+        pooled.append((sums / counts, unique))
+    m = max(len(cells) for _, cells in pooled)
+    out = x.new_zeros(x.shape[0], m, x.shape[-1])
+    out_pos = positions.new_zeros(x.shape[0], m, 2)
+    out_mask = torch.zeros(x.shape[0], m, dtype=torch.bool, device=x.device)
+    for b, (tokens, cells) in enumerate(pooled):
+        out[b, : len(tokens)], out_pos[b, : len(cells)], out_mask[b, : len(tokens)] = tokens, cells, True
+    return out, out_pos, out_mask
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block ``x + Attn(LN x)``, ``x + MLP(LN x)`` with 2-D local or full ALiBi attention."""
+
+    def __init__(self, dim: int, heads: int, radius: float | None, mlp_ratio: float, alibi: bool,
+                 slope_scale: float, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"LongMIL: dim {dim} is not divisible by heads {heads}")
+        self.heads, self.radius = heads, radius
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(int(dim * mlp_ratio), dim), nn.Dropout(dropout))
+        slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float64) * slope_scale if alibi else None
+        self.register_buffer("slopes", slopes, persistent=False)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """``[B, h, N, d]`` attention output: 2-D local (``radius``) or full, with 2-D ALiBi when slopes exist."""
+        slopes = None if self.slopes is None else self.slopes.to(q.dtype)
+        if self.radius is None:
+            return full_attention_2d_alibi(q, k, v, positions, slopes, mask)
+        return local_attention_2d(q, k, v, positions, self.radius, slopes, mask)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, n, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = self.attend(q, k, v, positions, mask)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, n, dim)) * mask.unsqueeze(-1)
+        return x + self.mlp(self.norm2(x)) * mask.unsqueeze(-1)
+
+
+class LongMIL(MILModel):
+    """``forward(x [B, N, D], coords [B, N, 2] level-0, mask=None) -> MILOutput`` (module docstring)."""
+
+    needs_coords = True
+    permutation_invariant = False  # in x alone: the positions stay; with the coordinates it is invariant
+
+    def __init__(self, in_dim: int, n_out: int, dim: int = 384, heads: int = 1, radius: float = 10.0,
+                 local_layers: int = 2, global_layers: int = 1, pool: bool = True, alibi_local: bool = True,
+                 alibi_slope_scale: float = 1.0, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 stride: float | None = None) -> None:
+        super().__init__()
+        if radius < 0 or local_layers < 0 or global_layers < 0:
+            raise ValueError(f"LongMIL: radius and layer counts must be >= 0, got {radius}, {local_layers}, "
+                             f"{global_layers}")
+        self.in_dim, self.n_out, self.stride, self.pool = in_dim, n_out, stride, pool
+        self.project = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        self.local = nn.ModuleList(_Block(dim, heads, radius, mlp_ratio, alibi_local, alibi_slope_scale, dropout)
+                                   for _ in range(local_layers))
+        self.globals = nn.ModuleList(_Block(dim, heads, None, mlp_ratio, True, alibi_slope_scale, dropout)
+                                     for _ in range(global_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_out)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                **_: object) -> MILOutput:
+        mask = check_bag_input(x, self.in_dim, mask, "LongMIL")
+        positions, strides = grid_positions(coords, mask, self.stride)
+        h = self.project(x) * mask.unsqueeze(-1)
+        for block in self.local:
+            h = block(h, positions, mask)
+        if self.pool and len(self.globals):
+            h, positions, mask = pool_2x2(h, positions, mask)
+        for block in self.globals:
+            h = block(h, positions, mask)
+        pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return MILOutput(self.head(self.norm(pooled)), extras={"grid_stride": strides})
+
+
+@register_model("longmil")
+def longmil(in_dim: int, n_out: int, **kwargs) -> LongMIL:
+    return LongMIL(in_dim, n_out, **kwargs)
