@@ -15,7 +15,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from milstudy.paths import REPO_ROOT
 
@@ -93,13 +93,28 @@ def device_line(device: dict[str, Any]) -> str:
     return f"cpu x{device.get('cpu_count')}"
 
 
+def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary name next to ``path`` (created with its folder), then rename it into
+    place (``os.replace``); the temporary file never survives, whatever ``write`` raises."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` as indented JSON via a temporary name in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_run_json(folder: Path) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ def _calibrate(args) -> int:
     import pandas as pd
 
     from milstudy.papers import svec
-    from milstudy.provenance import environment_info, now_iso, write_json_atomic
+    from milstudy.provenance import atomic_write, environment_info, now_iso, write_json_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,10 +39,9 @@ def _calibrate(args) -> int:
     summary = svec.summarize_calibration(table)
     chosen = svec.choose(summary)
     for name, frame in (("calibration.csv", table), ("calibration_summary.csv", summary)):
-        tmp = out / f".{name}.tmp"
-        frame.to_csv(tmp, index=False)
-        tmp.replace(out / name)
-    (out / "calibration_summary.md").write_text(summary.round(4).to_markdown(index=False) + "\n")
+        atomic_write(out / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    markdown = summary.round(4).to_markdown(index=False) + "\n"
+    atomic_write(out / "calibration_summary.md", lambda tmp: Path(tmp).write_text(markdown))
     grid = {task: {"knob": str(part["knob"].iloc[0]), "values": sorted(part["value"].unique().tolist())}
             for task, part in table.groupby("task")}
     record = {"command": "calibrate", "tasks": args.tasks, "grid": grid,

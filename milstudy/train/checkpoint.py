@@ -20,33 +20,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from milstudy.provenance import atomic_write
+
 STATE_FILE = "state.json"
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def atomic_write_json(obj: Any, path: Path) -> Path:
@@ -56,7 +42,7 @@ def atomic_write_json(obj: Any, path: Path) -> Path:
         with open(tmp, "w") as handle:
             json.dump(obj, handle, indent=1, default=_json_default)
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def _json_default(value: Any) -> Any:
@@ -73,13 +59,13 @@ def _json_default(value: Any) -> Any:
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """``torch.save`` atomically (keep ``obj`` to tensors/numbers/strings/lists/dicts: weights_only-loadable)."""
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     """Save a state dict as safetensors (CPU, contiguous copies, so tied weights are stored twice)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    return _atomic(path, lambda tmp: save_file(tensors, tmp))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def load_weights(model: nn.Module, path: Path, strict: bool = True) -> nn.Module:

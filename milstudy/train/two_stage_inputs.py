@@ -15,14 +15,15 @@ import difflib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+
+from milstudy.provenance import atomic_write  # noqa: F401 (used here and by two_stage_runs)
 
 from milstudy.data.bags import feature_file
 from milstudy.data.manifests import load_manifest
@@ -37,21 +38,6 @@ def did_you_mean(value: str, known: Sequence[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest known spelling, or ``""``."""
     close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name next to ``path``, then rename it into place (``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
