@@ -68,11 +68,12 @@ def test_runs_are_deterministic_and_independent_of_the_worker_count(grid, data):
 
 def test_dynamics_claims_has_the_rows_of_the_methods_that_ran(grid):
     table = A.dynamics_claims(grid, n_resamples=200)
-    assert len(table) == 3  # late JSD, F1 and AUC of ABMIL + anchor + NSF vs ABMIL
+    assert len(table) == 4  # ABMIL's halves; late JSD, F1 and AUC of ABMIL + anchor + NSF vs ABMIL
+    assert table["metric"].tolist() == ["jsd", "late_jsd", "f1_macro", "auc"]
     assert set(table["verdict"]) <= {"supported", "contradicted", "inconclusive"}
     assert (table["ci_low"] <= table["difference"]).all() and (table["difference"] <= table["ci_high"]).all()
     with pytest.raises(ValueError, match="none of the claims"):
-        A.dynamics_claims(grid, methods=["ABMIL"])
+        A.dynamics_claims(grid, methods=["ASMIL"])
 
 
 def test_attention_logits_of_gives_the_logits_of_the_models_attention(data):
@@ -91,3 +92,13 @@ def test_attention_logits_of_gives_the_logits_of_the_models_attention(data):
         with torch.no_grad():
             attention = model(bag.features[None]).attention[0].double().numpy()
         np.testing.assert_allclose(np.exp(z) / np.exp(z).sum(-1, keepdims=True), attention, atol=1e-6)
+
+
+def test_per_slide_halves_split_the_epoch_steps(grid):
+    stab = grid.stability
+    one = stab[(stab["method"] == "ABMIL") & (stab["seed"] == 0)]
+    sid = one["slide_id"].iloc[0]
+    jsd = one[one["slide_id"] == sid].set_index("epoch")["jsd_next"]  # steps 0->1, 1->2, 2->3
+    row = grid.per_slide().query("method == 'ABMIL' and seed == 0 and slide_id == @sid").iloc[0]
+    assert row["early_jsd"] == pytest.approx(jsd[1])  # step 0 -> 1 left out; 2 steps: one per half
+    assert row["late_jsd"] == pytest.approx(jsd[2])
