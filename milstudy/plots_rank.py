@@ -4,6 +4,7 @@
 - ``rank_measures_plot``: every rank definition (as a share of n) and the Eq. 9 sparsity per attention type, mean
   ± 95 % t-interval over seeds (points alone with one seed);
 - ``attention_raster_maps``: n x n attention matrices in raster order on a log colour scale (paper Fig. 2a/c);
+- ``loglog_cost_axes``: the log-log axes of every cost-vs-N panel (also the model-zoo bench's);
 - ``scaling_plot``: time and peak memory vs N per implementation on log-log axes (paper Fig. 7), with the fitted
   slopes in the legend and an optional second frame (a re-measurement) drawn with open markers.
 """
@@ -96,6 +97,16 @@ def attention_raster_maps(records: Sequence[Mapping[str, Any]], floor: float = 1
     return fig
 
 
+def loglog_cost_axes(axes: Sequence[Any], xlabel: str, ylabels: Sequence[str]) -> None:
+    """Log-log axes with a grid on both decades, ``xlabel`` on each and ``ylabels`` in order (cost-vs-N panels)."""
+    for ax, label in zip(axes, ylabels):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+
+
 def scaling_plot(frame: pd.DataFrame, remeasured: pd.DataFrame | None = None, impl_column: str = "impl",
                  title: str | None = None) -> Figure:
     """Time and peak memory vs N (``n``, ``time_s``, ``peak_mem_mb``, ``status`` columns; the ``ok`` points) per
@@ -116,12 +127,7 @@ def scaling_plot(frame: pd.DataFrame, remeasured: pd.DataFrame | None = None, im
             label = impl + (slope if source is frame else " (re-measured)")
             axes[0].plot(rows["n"], rows["time_s"], color=colour, label=label, **style)
             axes[1].plot(rows["n"], rows["peak_mem_mb"].clip(lower=0.5), color=colour, label=label, **style)
-    for ax, label in zip(axes, ("forward + backward time (s)", "peak memory increase (MB, RSS)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
+    loglog_cost_axes(axes, "tokens N", ("forward + backward time (s)", "peak memory increase (MB, RSS)"))
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title or "2-D local vs dense and full attention: cost vs N (slopes time / memory, log-log)")
     fig.tight_layout()

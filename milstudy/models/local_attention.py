@@ -18,6 +18,9 @@ grouped into chunks of at most ``chunk_elems`` score entries, padded to the chun
 O and the per-query log-sum-exp, and in backward recomputes P per chunk (FlashAttention-2 style:
 ``dV = P^T dO, dS = P (dO V^T - Delta), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d)``), scatter-adding dK, dV.
 Padded query rows get lse = +inf so that their P is exactly 0. Memory: O(N d + N (2R+1)^2) indices + one chunk.
+Per chunk the scores are masked in place (no bias tensor without slopes) and exponentiated once (row max,
+exp, row sum; lse = max + log sum). Costs: :func:`local_attention_pairs` (computed vs useful pairs), measured
+by ``milstudy bench local-attention`` (``results/benchmarks/local_attention.md``).
 
 ``full_attention_2d_alibi``: exact query-chunked full attention with the unclipped Euclidean ALiBi computed per
 chunk (time O(N^2 d), memory O(chunk * N)). ``dense_local_attention_2d``: the N x N oracle, for tests only.
