@@ -42,3 +42,9 @@ def test_bench_results_are_read_from_the_results_root(tmp_path, monkeypatch):
     assert longmil.bench_results("absent") is None
     with pytest.raises(ValueError, match="impls"):
         longmil.remeasure_scaling([100], ["nope"])
+
+
+def test_remeasure_scaling_runs_one_point_per_subprocess():
+    frame = longmil.remeasure_scaling([400], ["local_tiled"])
+    assert frame["status"].tolist() == ["ok"] and frame["time_s"].iloc[0] > 0
+    assert 0 < frame["share_of_matmul"].iloc[0] and frame["computed_over_useful"].iloc[0] >= 1
