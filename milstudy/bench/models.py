@@ -78,16 +78,13 @@ def _plot(frame: pd.DataFrame, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from milstudy.plots_rank import loglog_cost_axes
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, rows in frame[frame.status == "ok"].groupby("model"):
         axes[0].plot(rows.n_instances, rows.fwd_bwd_s, marker="o", label=name)
         axes[1].plot(rows.n_instances, rows.peak_mem_mb.clip(lower=1.0), marker="o", label=name)
-    for ax, label in zip(axes, ("forward+backward time (s)", "peak memory increase (MB)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("instances per bag N (D=1024, CPU)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
+    loglog_cost_axes(axes, "instances per bag N (D=1024, CPU)", ("forward+backward time (s)", "peak memory increase (MB)"))
     axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Model zoo cost vs bag size")
     fig.tight_layout()
