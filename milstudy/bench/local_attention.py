@@ -25,18 +25,16 @@ the end of the run; its drift and the load average flag contention. Goals: :data
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from milstudy.bench._subprocess import peak_rss_mb, reset_peak_rss, run_call
 
 IMPLEMENTATIONS = ("local_tiled", "sdpa_masked", "sdpa_fused", "chunked_full")
 DIM, RADIUS, FILL, THREADS = 64, 10.0, 0.7, 1
@@ -52,31 +50,6 @@ GOALS = (  # (key, text, target): issue 13, evaluated by goal_table
     ("memory_100k", "local fwd+bwd at N=100k within 2 GB", 2048.0),
     ("computed_over_useful", "local computed / useful pairs <= 3 (N=16k)", 3.0),
 )
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024.0
-    raise KeyError(key)
-
-
-def reset_peak_rss() -> float:
-    """Reset this process's peak RSS (Linux ``clear_refs`` 5) and return the current RSS in MB; where that is not
-    possible, the current max RSS (the delta then only sees growth beyond the earlier peak)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_mb("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process in MB since the last :func:`reset_peak_rss` (``VmHWM``; else ``ru_maxrss``)."""
-    try:
-        return _status_mb("VmHWM")
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def memory_cap_mb() -> float:
@@ -161,16 +134,7 @@ def dense_matmul_rate() -> float:
 
 
 def _subprocess(call: str, timeout: float) -> dict:
-    code = f"import json; from milstudy.bench.local_attention import *; print(json.dumps({call}))"
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:.0f} s"}
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or [f"exit {done.returncode} (killed: memory?)"])[-1]
-        return {"status": "error: " + tail[:200]}
-    return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+    return run_call("milstudy.bench.local_attention", call, timeout, THREADS)
 
 
 def pair_counts(impl: str, n: int) -> tuple[int, int]:
