@@ -131,14 +131,36 @@ def _one_run(job: dict[str, Any]) -> dict[str, Any]:
                           BagListDataset(data.bags["test"]), config)
     wall = time.perf_counter() - start
     tag = {"method": name, "seed": seed}
+    localization, froc_score = _localization(fit.attention, data.bags["test"])
     stability = stability_table(fit.attention_snapshots).assign(**tag)
     history = fit.history.assign(**tag)
     predictions = fit.predictions
     predictions = predictions[predictions["split"] == "test"].assign(**tag)
     row = {**tag, "best_epoch": fit.best_epoch, "wall_s": wall, "train_s_per_epoch": fit.train_time / len(fit.history),
            **{f"test_{k}": v for k, v in (fit.test_metrics or {}).items()},
-           **{f"val_{k}": v for k, v in fit.val_metrics.items()}}
-    return {"run": row, "predictions": predictions, "stability": stability, "history": history}
+           **{f"val_{k}": v for k, v in fit.val_metrics.items()}, "froc": froc_score}
+    return {"run": row, "predictions": predictions, "stability": stability, "history": history,
+            "localization": localization.assign(**tag)}
+
+
+def _localization(attention: Mapping[str, np.ndarray], bags: Sequence[Any]) -> tuple[pd.DataFrame, float]:
+    """Per test slide: instance AUROC (positive slides), Dice / specificity / success (spec §4.2) of the
+    eval-mode attention read-out (head mean) of the selected model; and the run's FROC over the test slides."""
+    from milstudy.analysis.localization import froc, instance_auroc, localization_scores
+
+    rows, slides = [], []
+    for bag in bags:
+        if bag.slide_id not in attention or bag.instance_labels is None:
+            continue
+        scores = np.asarray(attention[bag.slide_id], np.float64)
+        labels, coords = bag.instance_labels.numpy(), bag.coords.numpy()
+        row = {"slide_id": bag.slide_id, "positive": bool(labels.any()),
+               **localization_scores(scores, labels, coords)}
+        row["instance_auroc"] = instance_auroc(scores, labels) if 0 < labels.sum() < len(labels) else np.nan
+        rows.append(row)
+        slides.append((scores.mean(0) if scores.ndim == 2 else scores, labels, coords))
+    has_lesion = any(s[1].any() for s in slides)
+    return pd.DataFrame(rows), froc(slides)["score"] if has_lesion else float("nan")
 
 
 @dataclass
@@ -150,6 +172,7 @@ class Dynamics:
     predictions: pd.DataFrame
     stability: pd.DataFrame
     history: pd.DataFrame
+    localization: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def per_slide(self, late_from: float = 0.5) -> pd.DataFrame:
         """One row per (method, seed, slide_id): ``early_jsd`` / ``late_jsd``, the mean JSD to the next epoch over
@@ -170,7 +193,12 @@ class Dynamics:
     def per_seed(self) -> pd.DataFrame:
         """One row per (method, seed): the slide means of :meth:`per_slide` beside the run's test metrics."""
         slides = self.per_slide().groupby(["method", "seed"])[["early_jsd", "late_jsd", "late_entropy"]].mean()
-        return self.runs.merge(slides.reset_index(), on=["method", "seed"], how="left")
+        frame = self.runs.merge(slides.reset_index(), on=["method", "seed"], how="left")
+        if not self.localization.empty:
+            positive = self.localization[self.localization["positive"]]
+            loc = positive.groupby(["method", "seed"])[["instance_auroc", "dice"]].mean()
+            frame = frame.merge(loc.reset_index(), on=["method", "seed"], how="left")
+        return frame
 
 
 def run_dynamics(data: AsmilData, variants: Sequence[str], seeds: Sequence[int], config: Any,
@@ -199,7 +227,8 @@ def run_dynamics(data: AsmilData, variants: Sequence[str], seeds: Sequence[int],
     return Dynamics(pd.DataFrame([r["run"] for r in results]),
                     pd.concat([r["predictions"] for r in results], ignore_index=True),
                     pd.concat([r["stability"] for r in results], ignore_index=True),
-                    pd.concat([r["history"] for r in results], ignore_index=True))
+                    pd.concat([r["history"] for r in results], ignore_index=True),
+                    pd.concat([r["localization"] for r in results], ignore_index=True))
 
 
 def _mean_of(column: str):
@@ -232,6 +261,8 @@ DYNAMICS_CLAIMS = [
      "greater", None, None, "", "Table 2"),
     ("The anchor + NSF (1/N KL) raises ABMIL's AUC", "ABMIL + anchor + NSF (1/N KL)", "ABMIL", "auc", "greater",
      None, None, "", "Table 2"),
+    ("The anchor + NSF improves ABMIL's localization (instance AUROC of attention)", "ABMIL + anchor + NSF",
+     "ABMIL", "instance_auroc", "greater", None, None, "", "Tables 13, 19 (ASMIL best FROC / Dice)"),
     ("The anchor lowers ASMIL's late attention instability", "ASMIL", "ASMIL without anchor", "late_jsd", "less",
      None, None, "", "Fig. 1, Table 3"),
     ("The anchor raises ASMIL's macro-F1", "ASMIL", "ASMIL without anchor", "f1_macro", "greater",
@@ -263,8 +294,13 @@ def dynamics_claims(result: Dynamics, methods: Sequence[str] | None = None, n_re
     per_seed = result.per_seed().rename(columns={"test_f1_macro": "f1_macro"})
     per_slide = result.per_slide()
     predictions = {"auc": result.predictions, "late_jsd": per_slide, "jsd": _phases(per_slide)}
+    metrics = {"late_jsd": _mean_of("late_jsd"), "jsd": _mean_of("jsd")}
+    if not result.localization.empty:
+        loc = result.localization.dropna(subset=["instance_auroc"])
+        predictions["instance_auroc"] = loc[["method", "seed", "slide_id", "instance_auroc"]]
+        metrics["instance_auroc"] = _mean_of("instance_auroc")
     return claims_table(claims, predictions=predictions, per_seed=per_seed, n_resamples=n_resamples, seed=seed,
-                        metrics={"late_jsd": _mean_of("late_jsd"), "jsd": _mean_of("jsd")})
+                        metrics=metrics)
 
 
 def attention_logits_of(model: Any, bags: Sequence[Any]) -> dict[str, np.ndarray]:

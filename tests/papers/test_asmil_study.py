@@ -55,7 +55,12 @@ def test_run_dynamics_returns_tidy_frames(grid, data):
     assert len(per_slide) == 4 * 3 and per_slide[["early_jsd", "late_jsd"]].notna().all().all()
     assert ((per_slide["late_jsd"] >= 0) & (per_slide["late_jsd"] <= np.log(2))).all()
     per_seed = grid.per_seed()
-    assert {"test_auc", "test_f1_macro", "late_jsd", "late_entropy"} <= set(per_seed.columns)
+    assert {"test_auc", "test_f1_macro", "late_jsd", "late_entropy", "instance_auroc", "dice", "froc"} <= set(
+        per_seed.columns)
+    loc = grid.localization
+    assert set(loc["slide_id"]) == test_ids and len(loc) == 4 * len(test_ids)
+    assert loc.loc[loc["positive"], "instance_auroc"].between(0, 1).all()
+    assert loc.loc[~loc["positive"], "instance_auroc"].isna().all()
 
 
 def test_runs_are_deterministic_and_independent_of_the_worker_count(grid, data):
@@ -68,8 +73,8 @@ def test_runs_are_deterministic_and_independent_of_the_worker_count(grid, data):
 
 def test_dynamics_claims_has_the_rows_of_the_methods_that_ran(grid):
     table = A.dynamics_claims(grid, n_resamples=200)
-    assert len(table) == 4  # ABMIL's halves; late JSD, F1 and AUC of ABMIL + anchor + NSF vs ABMIL
-    assert table["metric"].tolist() == ["jsd", "late_jsd", "f1_macro", "auc"]
+    assert len(table) == 5  # ABMIL's halves; late JSD, F1, AUC and localization of ABMIL + anchor + NSF vs ABMIL
+    assert table["metric"].tolist() == ["jsd", "late_jsd", "f1_macro", "auc", "instance_auroc"]
     assert set(table["verdict"]) <= {"supported", "contradicted", "inconclusive"}
     assert (table["ci_low"] <= table["difference"]).all() and (table["difference"] <= table["ci_high"]).all()
     with pytest.raises(ValueError, match="none of the claims"):
