@@ -35,8 +35,8 @@ from scipy.stats import rankdata
 
 from milstudy.analysis.stats import seed_summary
 from milstudy.plots_intervals import (  # noqa: F401  (re-exported: plots is the one door for figures)
-    VERDICT_COLOURS, chance_level, clip_interval, error_bar_label, forest_plot, interval_errorbar, mark_chance,
-    metric_range,
+    VERDICT_COLOURS, chance_level, clip_interval, error_bar_label, forest_plot, grouped_intervals, interval_errorbar,
+    mark_chance, metric_range,
 )
 
 ATTENTION_CMAP = "magma"

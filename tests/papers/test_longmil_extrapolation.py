@@ -80,7 +80,7 @@ def test_study_returns_one_prediction_per_method_seed_and_scored_slide(tiny):
     assert set(result.predictions.loc[result.predictions["split"] == "test", "slide_id"]) == set(
         ids[result.split["test"]])
     assert result.predictions["prob_1"].between(0, 1).all()
-    assert len(result.per_seed) == 8 and {"test_auc", "test_f1", "heldout_auc", "auc_drop"} <= set(result.per_seed)
+    assert len(result.per_seed) == 8 and {"test_auc", "test_f1_macro", "heldout_auc", "auc_drop"} <= set(result.per_seed)
     np.testing.assert_allclose(result.per_seed["auc_drop"],
                                result.per_seed["heldout_auc"] - result.per_seed["test_auc"])
 
@@ -106,14 +106,14 @@ def test_bucket_metrics_are_in_length_order_and_match_a_direct_score(tiny):
     frame = result.predictions[(result.predictions["bucket"] == row["bucket"])
                                & (result.predictions["method"] == row["method"])
                                & (result.predictions["seed"] == row["seed"])]
-    assert row["f1"] == pytest.approx(M.f1(frame["target"], frame["prediction"]))
+    assert row["f1_macro"] == pytest.approx(M.f1(frame["target"], frame["prediction"]))
     summary = le.bucket_summary(buckets)
-    assert len(summary) == 4 * len(order) and (summary["f1_low"] <= summary["f1_mean"]).all()
+    assert len(summary) == 4 * len(order) and (summary["f1_macro_low"] <= summary["f1_macro_mean"]).all()
 
 
 def test_anova_and_claims(tiny):
     _, result = tiny
-    anova = le.anova_across_methods(result.per_seed, "test_f1")
+    anova = le.anova_across_methods(result.per_seed, "test_f1_macro")
     assert anova["n_methods"] == 4 and anova["n_seeds"] == 2 and (np.isnan(anova["p"]) or 0 <= anova["p"] <= 1)
     claims = le.extrapolation_claims(result, n_resamples=200)
     assert "TransMIL" not in " ".join(claims["claim"])  # claims of absent methods are dropped
@@ -126,6 +126,6 @@ def test_anova_matches_scipy_on_known_groups():
     from scipy.stats import f_oneway
 
     per_seed = pd.DataFrame({"method": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2,
-                             "test_f1": [0.5, 0.6, 0.55, 0.8, 0.85, 0.9]})
+                             "test_f1_macro": [0.5, 0.6, 0.55, 0.8, 0.85, 0.9]})
     out = le.anova_across_methods(per_seed)
     assert out["p"] == pytest.approx(f_oneway([0.5, 0.6, 0.55], [0.8, 0.85, 0.9]).pvalue) and out["p"] < 0.01
