@@ -357,7 +357,8 @@ def calibrate_contact_cue(values: Sequence[float], seeds: Sequence[int] = (0, 1,
                                        config, progress=progress)
             aucs.extend(result.per_seed["heldout_auc"].tolist())
         aucs = np.asarray(aucs)
-        rows.append({"contact_cue": float(value), "auc_mean": float(aucs.mean()), "auc_sd": float(aucs.std(ddof=1)),
+        rows.append({"contact_cue": float(value), "auc_mean": float(aucs.mean()),
+                     "auc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else np.nan,
                      "auc_min": float(aucs.min()), "auc_max": float(aucs.max()), "n_runs": len(aucs)})
     table = pd.DataFrame(rows)
     low, high = CALIBRATION_BAND

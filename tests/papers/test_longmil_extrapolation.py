@@ -80,7 +80,8 @@ def test_study_returns_one_prediction_per_method_seed_and_scored_slide(tiny):
     assert set(result.predictions.loc[result.predictions["split"] == "test", "slide_id"]) == set(
         ids[result.split["test"]])
     assert result.predictions["prob_1"].between(0, 1).all()
-    assert len(result.per_seed) == 8 and {"test_auc", "test_f1_macro", "heldout_auc", "auc_drop"} <= set(result.per_seed)
+    assert len(result.per_seed) == 8
+    assert {"test_auc", "test_f1_macro", "heldout_auc", "auc_drop"} <= set(result.per_seed)
     np.testing.assert_allclose(result.per_seed["auc_drop"],
                                result.per_seed["heldout_auc"] - result.per_seed["test_auc"])
 
@@ -129,3 +130,14 @@ def test_anova_matches_scipy_on_known_groups():
                              "test_f1_macro": [0.5, 0.6, 0.55, 0.8, 0.85, 0.9]})
     out = le.anova_across_methods(per_seed)
     assert out["p"] == pytest.approx(f_oneway([0.5, 0.6, 0.55], [0.8, 0.85, 0.9]).pvalue) and out["p"] < 0.01
+
+
+def test_calibration_scores_abmil_on_training_lengths_and_a_strong_cue_is_learnt():
+    config = TrainConfig(epochs=3, lr=2e-3, warmup_epochs=0, device="cpu", quiet=True)
+    table = le.calibrate_contact_cue([0.0, 4.0], seeds=(0,), config=config, n_bags=60, width=16,
+                                     world_seeds=(le.CALIBRATION_SEED,))
+    assert list(table["contact_cue"]) == [0.0, 4.0] and (table["n_runs"] == 1).all()
+    assert table.loc[1, "auc_mean"] >= 0.9  # a strong single-tile cue: ABMIL learns it on the toy world
+    assert table["chosen"].sum() <= 1 and not table.loc[~table["in_band"], "chosen"].any()
+    with pytest.raises(ValueError, match="config"):
+        le.calibrate_contact_cue([0.5])
