@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "quiet"):  # commands with --quiet / --verbose (milstudy.console.add_logging_flags)
+            from milstudy.console import command_logging
+
+            with command_logging(args.quiet, getattr(args, "verbose", False)):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

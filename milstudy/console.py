@@ -1,8 +1,15 @@
-"""Console summaries shared by the command-line tools."""
+"""What the command-line tools share on the console: per-slide status summaries (stdout, the command's result)
+and logging (stderr): ``add_logging_flags`` gives a command ``--quiet`` (warnings and errors only, no progress
+bars) and ``--verbose`` (debug lines: one per slide or epoch), and ``milstudy.cli.main`` runs every command that
+has them inside ``command_logging``."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import argparse
+import logging
+import sys
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,3 +40,44 @@ def report_slide_statuses(
         print(f"  ... and {len(bad) - limit} more: " + ", ".join(f"{k} {v}" for k, v in rest.items()))
     fails = bad if failing is None else bad[bad["status"].isin(list(failing))]
     return 1 if len(fails) else 0
+
+
+# ------------------------------------------------------------------------------------------------ logging
+@contextmanager
+def command_logging(quiet: bool = False, verbose: bool = False) -> Iterator[None]:
+    """``milstudy.*`` loggers to stderr for one command: INFO by default, WARNING with ``--quiet``, DEBUG with
+    ``--verbose``; the logger's level and handlers are restored afterwards (``main()`` called from Python)."""
+    logger = logging.getLogger("milstudy")
+    previous = logger.level
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the ``sys.stderr`` of the moment (not the one at creation, which pytest's capture may have closed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never end a run
+            self.handleError(record)
+
+
+def add_logging_flags(parser: argparse.ArgumentParser, verbose_help: str = "debug messages, one line per slide"
+                      ) -> None:
+    """``--quiet`` / ``--verbose`` (mutually exclusive) on a command's parser."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quiet", action="store_true", help="warnings and errors only; no progress bars")
+    group.add_argument("--verbose", action="store_true", help=verbose_help)
+
+
+def progress_disabled(args: argparse.Namespace) -> bool:
+    """True under ``--quiet``: progress bars stay off."""
+    return bool(getattr(args, "quiet", False))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from milstudy.console import report_slide_statuses
+from milstudy.console import add_logging_flags, progress_disabled, report_slide_statuses
+
+log = logging.getLogger("milstudy.features")
 
 SUMMARY_COLUMNS = ["slide_id", "status", "n_patches", "n_failed", "seconds", "message"]
 
@@ -284,6 +287,8 @@ def extract_features(
     expected = _expected_attrs(encoder, target_mpp, patch_size)
     precision = "fp16-autocast" if amp and device.type == "cuda" else "fp32"
     bar_factory = tqdm if progress else (lambda *a, **k: tqdm(*a, **k, disable=True))
+    log.info("%d slide(s) -> %s with %s on %s (%s, %g µm/px, %d px)", len(table), out_dir, encoder.name, device,
+             precision, target_mpp, patch_size)
 
     records = []
     slides_bar = bar_factory(table.iterrows(), total=len(table), desc=f"features {encoder.name}", unit="slide")
@@ -307,6 +312,7 @@ def extract_features(
                     record.update(status="skipped", n_patches=int(handle.attrs["n_patches"]),
                                   message="already complete")
                 records.append({**record, "seconds": 0.0})
+                log.debug("%s: skipped (already complete)", slide_id)
                 continue
             record["message"] = "redone: settings changed (" + "; ".join(changed[:4]) + ")"
         try:
@@ -351,6 +357,8 @@ def extract_features(
             record.update(status="error", message=describe_error(err))
         seconds = time.perf_counter() - start
         records.append({**record, "seconds": round(seconds, 3)})
+        log.debug("%s: %s, %d patches in %.1f s%s", slide_id, record["status"], record["n_patches"], seconds,
+                  f" ({record['message']})" if record["message"] else "")
         slides_bar.set_postfix({"patches/s": f"{record['n_patches'] / max(seconds, 1e-9):.0f}",
                                 "batch": batch_size, "workers": num_workers})
     summary = pd.DataFrame.from_records(records, columns=SUMMARY_COLUMNS)
@@ -383,7 +391,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         target_mpp=args.mpp, patch_size=args.patch_size, batch_size=args.batch_size, num_workers=args.workers,
         shard=args.shard, device=args.device, amp=not args.no_amp, min_tissue=args.min_tissue,
         max_unreadable=args.max_unreadable, slide_mpp=args.slide_mpp, allow_outside_root=args.allow_outside_root,
-        coords_dir=args.coords, resize=args.resize,
+        coords_dir=args.coords, resize=args.resize, progress=not progress_disabled(args),
     )
     counts = summary["status"].value_counts().to_dict()
     headline = f"{len(summary)} slides: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" -> {args.out}"
@@ -419,5 +427,6 @@ def add_commands(subparsers) -> None:
                               "<slide>_patches.h5, or `milstudy data tile` grids) instead of tiling")
     extract.add_argument("--resize", type=int, default=None,
                          help="resample patches to this many px before the encoder (e.g. 224 for 256-px patches)")
+    add_logging_flags(extract)
     extract.set_defaults(func=_cmd_extract)
     features.set_defaults(func=lambda args: (features.print_help(), 2)[1])

@@ -12,6 +12,8 @@
   chance line on AUC / C-index axes), ``forest_plot`` (a claims table: difference, interval, zero line, verdict
   colour), and the helpers ``error_bar_label``, ``clip_interval``, ``metric_range``, ``mark_chance``
   (these live in :mod:`milstudy.plots_intervals` and are re-exported here).
+- Rank and scaling (LongMIL): ``rank_measures_plot``, ``attention_raster_maps``, ``scaling_plot`` (from
+  :mod:`milstudy.plots_rank`, re-exported here).
 
 Example::
 
@@ -34,6 +36,7 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata
 
 from milstudy.analysis.stats import seed_summary
+from milstudy.plots_rank import attention_raster_maps, rank_measures_plot, scaling_plot  # noqa: F401,E501  (re-exported)
 from milstudy.plots_intervals import (  # noqa: F401  (re-exported: plots is the one door for figures)
     VERDICT_COLOURS, chance_level, clip_interval, error_bar_label, forest_plot, grouped_intervals, interval_errorbar,
     mark_chance, metric_range,

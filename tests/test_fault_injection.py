@@ -206,3 +206,43 @@ def test_full_disk_in_any_command_is_one_line_and_exit_1(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and err == ("error: disk full (ENOSPC): /data/out/x.h5; free space and rerun (finished "
                                  "outputs are kept)")
+
+
+def test_sigkilled_e2e_training_resumes_to_the_same_result(tmp_path):
+    """SIGKILL the E2E command line (`python -m milstudy.train.e2e_cli`) after its second epoch's checkpoint: the
+    same command then resumes from it and ends with the history, metrics and predictions of an uninterrupted run."""
+    import json
+
+    import yaml
+
+    from milstudy.train.e2e_cli import main as e2e_main
+
+    config = {"encoder": "tiny_cnn", "encoder_kwargs": {"widths": [8, 16, 32, 64]}, "aggregator": "abmil",
+              "s": 8, "ratio": 4, "epochs": 6, "lr": 3e-3, "warmup_epochs": 0, "batch_slides": 2, "device": "cpu",
+              "data": {"toy": {"n_slides": 8, "n_patches": 12, "size": 16}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert e2e_main(["--config", str(path), "--out", str(tmp_path / "clean")]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "milstudy.train.e2e_cli", "--config", str(path), "--out",
+                                str(killed)], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list((killed / "checkpoints").glob("epoch_0002*")) and time.monotonic() < deadline \
+            and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metrics.json").exists(), "killed before the end"
+    assert e2e_main(["--config", str(path), "--out", str(killed)]) == 0
+    drop = ["train_time", "time"]
+    clean, resumed = (pd.read_csv(d / "history.csv").drop(columns=drop) for d in (tmp_path / "clean", killed))
+    pd.testing.assert_frame_equal(clean, resumed)
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "clean", killed)]
+    for m in metrics:
+        m.pop("wall_time_s")
+        m["config"].pop("checkpoint_dir")  # out/checkpoints of each run
+    assert metrics[0] == metrics[1] and metrics[0]["best_epoch"] == 6
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "clean" / "predictions.csv"),
+                                  pd.read_csv(killed / "predictions.csv"))

@@ -193,7 +193,7 @@ def claims_table(
             "claim": claim.statement, "source": claim.source, "paper": claim.paper_text,
             "paper_difference": claim.paper_difference,
             "direction": f"{claim.method_a} {'>' if claim.direction == 'greater' else '<'} {claim.method_b}",
-            "method_a": claim.method_a, "method_b": claim.method_b, "metric": diff.metric,
+            "method_a": claim.method_a, "method_b": claim.method_b, "metric": claim.metric,
             "mean_a": diff.mean_a, "mean_b": diff.mean_b, "difference": diff.difference,
             "ci_low": diff.ci_low, "ci_high": diff.ci_high, "level": 1 - alpha, "interval": diff.interval_method,
             "p": diff.p_value,

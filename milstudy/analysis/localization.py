@@ -70,18 +70,24 @@ def rescaled_scores(scores: Any) -> np.ndarray:
     return np.zeros_like(a) if span <= 0 else (a - a.min()) / span
 
 
+def grid_positions(coords: Any, stride: float | None = None) -> np.ndarray:
+    """Integer grid cells ``[N, 2]`` of patch ``coords`` (level-0 pixels), origin at the smallest coordinate.
+    ``stride``: the grid step (default: the smallest non-zero step along either axis, 1 if there is none)."""
+    coords = np.asarray(coords, np.int64)
+    if stride is None:
+        steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
+        steps = np.concatenate([s[s > 0] for s in steps])
+        stride = float(steps.min()) if len(steps) else 1.0
+    return np.round((coords - coords.min(0)) / stride).astype(np.int64)
+
+
 def lesions(coords: Any, instance_labels: Any, stride: float | None = None) -> np.ndarray:
     """Connected components (4-neighbour on the patch grid) of the tumour tiles: ``[N]`` lesion id, -1 for
     non-tumour tiles. ``stride``: the grid step of ``coords`` (default: the smallest non-zero step)."""
     from scipy import ndimage
 
-    coords = np.asarray(coords, np.int64)
-    y = as_instance_labels(instance_labels, len(coords))
-    if stride is None:
-        steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
-        steps = np.concatenate([s[s > 0] for s in steps])
-        stride = float(steps.min()) if len(steps) else 1.0
-    grid = np.round((coords - coords.min(0)) / stride).astype(np.int64)
+    grid = grid_positions(coords, stride)
+    y = as_instance_labels(instance_labels, len(grid))
     canvas = np.zeros(grid.max(0) + 1, bool)
     canvas[grid[y == 1, 0], grid[y == 1, 1]] = True
     labelled, _ = ndimage.label(canvas)
@@ -109,3 +115,65 @@ def localization_scores(scores: Any, instance_labels: Any, coords: Any | None = 
         ids = lesions(coords, y)
         out["lesion_success"] = float(all(hit[ids == lesion].any() for lesion in np.unique(ids[ids >= 0])))
     return out
+
+
+# ----------------------------------------------------------- FROC (CAMELYON-16 protocol on the patch grid, spec §4.2)
+FROC_FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def detections(scores: Any, coords: Any, radius: int = 1, stride: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Point detections of one slide: greedy non-maximum suppression of the min-max rescaled read-out on the patch
+    grid (take the highest tile, suppress every tile within ``radius`` cells (Chebyshev), repeat; a (2r+1)-tile
+    window, 3 x 3 by default; spec §4.2 "local maxima after 3-tile NMS, scored by value"). Returns (tile
+    indices, scores), highest first."""
+    a = rescaled_scores(scores)
+    grid = grid_positions(coords, stride)
+    alive = np.ones(grid.max(0) + 1 + 2 * radius, bool)
+    keep = []
+    for i in np.argsort(-a, kind="stable"):
+        x, y = grid[i] + radius
+        if alive[x, y]:
+            keep.append(i)
+            alive[x - radius:x + radius + 1, y - radius:y + radius + 1] = False
+    keep = np.asarray(keep, np.int64)
+    return keep, a[keep]
+
+
+def froc(slides: Sequence[tuple[Any, Any, Any]], tolerance: int = 1, nms_radius: int = 1,
+         fp_rates: Sequence[float] = FROC_FP_RATES) -> dict[str, Any]:
+    """The CAMELYON-16 FROC score on patch grids: ``slides`` = (scores ``[N]``, instance labels ``[N]``, coords
+    ``[N, 2]``) per slide, tumour and normal. A lesion is a connected component of tumour tiles; a detection
+    (:func:`detections`) within ``tolerance`` cells of a lesion's tile is a true positive of that lesion (each
+    lesion counts once, at its best detection's score), any other detection a false positive. Over all thresholds:
+    sensitivity = detected lesions / all lesions, FP rate = false positives / all slides (the challenge's
+    evaluation divides by every image); the score is the mean sensitivity at ``fp_rates`` (linear interpolation).
+    Returns ``score``, the curve (``fp_per_slide``, ``sensitivity``), ``n_lesions`` and ``n_slides``."""
+    fp_scores, lesion_best, n_lesions = [], [], 0
+    for scores, labels, coords in slides:
+        grid = grid_positions(coords)
+        ids = lesions(coords, labels)
+        canvas = np.full(grid.max(0) + 1 + 2 * tolerance, -1, np.int64)
+        canvas[grid[:, 0] + tolerance, grid[:, 1] + tolerance] = ids
+        n_here = int(ids.max()) + 1 if (ids >= 0).any() else 0
+        best = np.full(n_here, -np.inf)
+        for tile, value in zip(*detections(scores, coords, nms_radius)):
+            x, y = grid[tile] + tolerance
+            hit = np.unique(canvas[x - tolerance:x + tolerance + 1, y - tolerance:y + tolerance + 1])
+            hit = hit[hit >= 0]
+            if hit.size:
+                best[hit] = np.maximum(best[hit], value)
+            else:
+                fp_scores.append(value)
+        lesion_best.extend(best.tolist())
+        n_lesions += n_here
+    n_slides = len(slides)
+    if n_slides == 0 or n_lesions == 0:
+        raise ValueError(f"froc: needs slides with at least one lesion (got {n_slides} slides, {n_lesions} lesions)")
+    fp_scores, lesion_best = np.asarray(fp_scores), np.asarray(lesion_best)
+    thresholds = np.unique(np.r_[fp_scores, lesion_best[np.isfinite(lesion_best)]])[::-1]
+    fp_rate = np.array([(fp_scores >= t).sum() for t in thresholds]) / n_slides
+    sensitivity = np.array([(lesion_best >= t).sum() for t in thresholds]) / n_lesions
+    fp_rate, sensitivity = np.r_[0.0, fp_rate], np.r_[0.0, sensitivity]  # above every score: nothing detected
+    score = float(np.mean(np.interp(fp_rates, fp_rate, sensitivity)))
+    return {"score": score, "fp_per_slide": fp_rate, "sensitivity": sensitivity, "n_lesions": n_lesions,
+            "n_slides": n_slides}

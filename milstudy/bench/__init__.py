@@ -1,8 +1,9 @@
 """``milstudy bench``: speed and memory goals, measured, never asserted in timed tests.
 
-Every module ``milstudy/bench/<topic>.py`` defines ``run(out_dir: Path, quick: bool) -> pandas.DataFrame``;
-the runner saves the frame as ``results/benchmarks/<topic>.csv`` (+ Markdown) with a ``<topic>.json``
-provenance record (machine, versions, date). ``quick`` shrinks sizes for a fast sanity run.
+Every module ``milstudy/bench/<topic>.py`` defines ``run(out_dir: Path, quick: bool) -> pandas.DataFrame``
+(or ``(frame, extras)`` with ``extras = {"markdown": header text, "meta": dict}``); the runner saves the frame as
+``results/benchmarks/<topic>.csv`` (+ Markdown, after the header) with a ``<topic>.json`` provenance record
+(machine, versions, date, plus ``meta``). ``quick`` shrinks sizes for a fast sanity run.
 """
 
 from __future__ import annotations
@@ -46,19 +47,21 @@ def run_benchmark(topic: str, out_dir: Path, quick: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     frame = module.run(out_dir=out_dir, quick=quick)
+    frame, extras = frame if isinstance(frame, tuple) else (frame, {})
     wall = time.perf_counter() - start
     csv_path = out_dir / f"{topic}.csv"
     tmp = csv_path.with_suffix(".csv.tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(csv_path)
-    (out_dir / f"{topic}.md").write_text(frame.to_markdown(index=False) + "\n")
-    meta = {"topic": topic, "quick": quick, "wall_s": round(wall, 2), **machine_info()}
+    header = extras.get("markdown", "")
+    (out_dir / f"{topic}.md").write_text((header + "\n" if header else "") + frame.to_markdown(index=False) + "\n")
+    meta = {"topic": topic, "quick": quick, "wall_s": round(wall, 2), **machine_info(), **extras.get("meta", {})}
     (out_dir / f"{topic}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return csv_path
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    topics = available() if args.all or not args.topics else args.topics
+    topics = available() if args.all or not args.topics else [t.replace("-", "_") for t in args.topics]
     unknown = sorted(set(topics) - set(available()))
     if unknown:
         print(f"error: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available())}")
@@ -72,7 +75,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("bench", help="run speed/memory benchmarks into results/benchmarks/")
-    p.add_argument("topics", nargs="*", help=f"benchmark topics (default: all)")
+    p.add_argument("topics", nargs="*", help="benchmark topics, e.g. models, local-attention (default: all)")
     p.add_argument("--all", action="store_true", help="run every benchmark")
     p.add_argument("--quick", action="store_true", help="small sizes, for a sanity run")
     p.add_argument("--out", help="output folder (default results/benchmarks)")

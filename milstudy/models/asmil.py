@@ -101,7 +101,8 @@ class ASMILNet(MILModel):
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"ASMIL: drop_rate must be in [0, 1), got {drop_rate}")
         if n_drop is None:
-            n_drop = round(drop_rate * n_tokens)
+            n_drop = min(round(drop_rate * n_tokens), n_tokens - 1) if drop_mode == "bernoulli" else round(
+                drop_rate * n_tokens)  # bernoulli mode draws its own count; n_drop is only informative there
         if not 0 <= n_drop < n_tokens:
             raise ValueError(f"ASMIL: n_drop must be in [0, n_tokens-1={n_tokens - 1}] (keep >= 1), got {n_drop}")
         self.in_dim, self.heads, self.n_tokens = in_dim, heads, n_tokens

@@ -175,6 +175,24 @@ def moore_penrose_pinv(x: torch.Tensor, iterations: int = 6) -> torch.Tensor:
     return z
 
 
+def nystrom_factors(q: torch.Tensor, k: torch.Tensor, landmarks: int, pinv_iterations: int = 6
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three Nyström factors (Nyströmformer Eq. 14) of already scaled ``q, k [..., L, d]`` with L a multiple
+    of ``landmarks``: ``softmax(Q K̃ᵀ) [..., L, m]``, ``pinv(softmax(Q̃ K̃ᵀ)) [..., m, m]``,
+    ``softmax(Q̃ Kᵀ) [..., m, L]``, landmarks the means of m contiguous segments; their product approximates
+    softmax(QKᵀ)."""
+    length, dim = q.shape[-2], q.shape[-1]
+    if length % landmarks:
+        raise ValueError(f"nystrom_factors: the sequence length {length} must be a multiple of landmarks={landmarks}")
+    seg = length // landmarks
+    q_land = q.reshape(*q.shape[:-2], landmarks, seg, dim).mean(dim=-2)  # [..., m, d]
+    k_land = k.reshape(*k.shape[:-2], landmarks, seg, dim).mean(dim=-2)
+    kernel_1 = torch.softmax(q @ k_land.transpose(-1, -2), dim=-1)
+    kernel_2 = torch.softmax(q_land @ k_land.transpose(-1, -2), dim=-1)
+    kernel_3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)
+    return kernel_1, moore_penrose_pinv(kernel_2, pinv_iterations), kernel_3
+
+
 class NystromAttention(nn.Module):
     """Nyström multi-head self-attention (Xiong et al. 2021), the attention layer of TransMIL.
 
@@ -224,13 +242,8 @@ class NystromAttention(nn.Module):
         pad = (-n_tokens) % n_land
         x_padded = F.pad(x, (0, 0, pad, 0))  # zero tokens at the front: [B, N+pad, dim]
         q, k, v = self.split_heads(x_padded)  # [B,h,L,dh]
-        seg = (n_tokens + pad) // n_land
-        q_land = q.reshape(batch, self.heads, n_land, seg, self.dim_head).mean(dim=3)  # [B,h,m,dh]
-        k_land = k.reshape(batch, self.heads, n_land, seg, self.dim_head).mean(dim=3)
-        kernel_1 = torch.softmax(q @ k_land.transpose(-1, -2), dim=-1)  # [B,h,L,m]
-        kernel_2 = torch.softmax(q_land @ k_land.transpose(-1, -2), dim=-1)  # [B,h,m,m]
-        kernel_3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)  # [B,h,m,L]
-        out = kernel_1 @ (moore_penrose_pinv(kernel_2, self.pinv_iterations) @ (kernel_3 @ v))  # [B,h,L,dh]
+        kernel_1, pinv_2, kernel_3 = nystrom_factors(q, k, n_land, self.pinv_iterations)
+        out = kernel_1 @ (pinv_2 @ (kernel_3 @ v))  # [B,h,L,dh]
         out = out + self.residual_conv(v)
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.dim_head)[:, pad:]  # [B,N,inner]
         out = self.to_out(out)

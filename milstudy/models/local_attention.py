@@ -18,6 +18,9 @@ grouped into chunks of at most ``chunk_elems`` score entries, padded to the chun
 O and the per-query log-sum-exp, and in backward recomputes P per chunk (FlashAttention-2 style:
 ``dV = P^T dO, dS = P (dO V^T - Delta), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d)``), scatter-adding dK, dV.
 Padded query rows get lse = +inf so that their P is exactly 0. Memory: O(N d + N (2R+1)^2) indices + one chunk.
+Per chunk the scores are masked in place (no bias tensor without slopes) and exponentiated once (row max,
+exp, row sum; lse = max + log sum). Costs: :func:`local_attention_pairs` (computed vs useful pairs), measured
+by ``milstudy bench local-attention`` (``results/benchmarks/local_attention.md``).
 
 ``full_attention_2d_alibi``: exact query-chunked full attention with the unclipped Euclidean ALiBi computed per
 chunk (time O(N^2 d), memory O(chunk * N)). ``dense_local_attention_2d``: the N x N oracle, for tests only.
@@ -34,7 +37,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["local_attention_2d", "full_attention_2d_alibi", "dense_local_attention_2d", "default_tile"]
+__all__ = ["local_attention_2d", "full_attention_2d_alibi", "dense_local_attention_2d", "default_tile",
+           "local_attention_pairs"]
 
 Slopes = Optional[Union[torch.Tensor, Sequence[float]]]
 DEFAULT_CHUNK_ELEMS = 1 << 18
@@ -188,15 +192,42 @@ def _plan(coords_b: torch.Tensor, valid_b: Optional[torch.Tensor], radius: float
     return _Plan(chunks, full.to(torch.int32), computed)
 
 
+def local_attention_pairs(coords: torch.Tensor, radius: float, tile: Optional[int] = None, heads: int = 1,
+                          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> dict:
+    """Work of :func:`local_attention_2d` on one bag: ``computed`` (query, key) score entries per head including
+    the padding of each chunk, ``useful`` pairs with distance <= r (self included), their ratio and the chunk
+    count. ``coords [N, 2]`` integer grid positions. For cost accounting (FLOPs = 14 d x pairs for fwd + bwd)."""
+    coords = torch.as_tensor(coords)
+    if coords.dim() != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must be [N, 2]; got {tuple(coords.shape)}")
+    coords = coords.to(torch.long)
+    tile = default_tile(radius) if tile is None else tile
+    with torch.no_grad():
+        plan = _plan(coords, None, float(radius), tile, heads, chunk_elems)
+    r2 = int(math.floor(radius * radius))
+    useful = 0
+    for qi, ki in plan.chunks:  # count exactly inside the candidate sets (they contain every pair within r)
+        cp = plan.coords.to(torch.long)
+        diff = cp[qi][:, :, None, :] - cp[ki][:, None, :, :]
+        real = (qi < len(coords))[:, :, None] & (ki < len(coords))[:, None, :]
+        useful += int(((diff * diff).sum(-1) <= r2)[real].sum())
+    return {"computed": plan.computed_pairs, "useful": useful, "computed_over_useful": plan.computed_pairs / useful,
+            "chunks": len(plan.chunks), "tile": tile}
+
+
 def _pad(x: torch.Tensor) -> torch.Tensor:  # [h, N, d] -> [h, N + 2, d]
     return torch.cat([x, x.new_zeros(x.shape[0], 2, x.shape[2])], dim=1)
 
 
 def _scores(qp, kp, cp, qi, ki, slopes, r2, scale):
     Q, K = qp[:, qi], kp[:, ki]  # [h, Bt, Tq, d], [h, Bt, Kc, d]
-    diff = cp[qi][:, :, None, :] - cp[ki][:, None, :, :]
-    d2 = (diff * diff).sum(-1)  # [Bt, Tq, Kc]
+    cq, ck = cp[qi], cp[ki]  # [Bt, Tq, 2], [Bt, Kc, 2] int32
+    du = cq[:, :, None, 0] - ck[:, None, :, 0]
+    dv = cq[:, :, None, 1] - ck[:, None, :, 1]
+    d2 = du.mul_(du).add_(dv.mul_(dv))  # [Bt, Tq, Kc] squared distances, in place
     s = torch.matmul(Q, K.transpose(-1, -2)).mul_(scale)
+    if slopes is None:  # mask only: no bias tensor
+        return s.masked_fill_((d2 > r2).unsqueeze(0), float("-inf")), Q, K
     s += _bias(d2, slopes, r2, qp.dtype)
     return s, Q, K
 
@@ -212,10 +243,13 @@ class _TiledAttention(torch.autograd.Function):
             qp, kp, vp = _pad(q[b]), _pad(k[b]), _pad(v[b])
             for qi, ki in plan.chunks:
                 s, _, _ = _scores(qp, kp, plan.coords, qi, ki, slopes, r2, scale)
-                m = torch.logsumexp(s, dim=-1)
-                m = m.masked_fill(torch.isneginf(m), float("inf"))  # padded rows: P = exp(-inf) = 0
-                p = torch.exp(s - m.unsqueeze(-1))
-                out[b][:, qi] = torch.matmul(p, vp[:, ki])
+                top = s.amax(dim=-1, keepdim=True)
+                pad_rows = torch.isneginf(top)  # padded query rows: every key masked
+                top.masked_fill_(pad_rows, 0.0)
+                p = s.sub_(top).exp_()  # one pass, in place: P up to the row normaliser
+                total = p.sum(dim=-1, keepdim=True)
+                out[b][:, qi] = torch.matmul(p, vp[:, ki]).div_(total.clamp_min_(torch.finfo(s.dtype).tiny))
+                m = top.add_(total.log_()).masked_fill_(pad_rows, float("inf")).squeeze(-1)  # lse; +inf: P = 0
                 lse[b][:, qi] = m
         out = out[:, :, :N].contiguous()
         ctx.save_for_backward(q, k, v, out, lse, slopes)
@@ -237,11 +271,11 @@ class _TiledAttention(torch.autograd.Function):
             dp_ = torch.cat([delta[b], delta.new_zeros(h, 2)], dim=1)
             for qi, ki in plan.chunks:
                 s, Q, K = _scores(qp, kp, plan.coords, qi, ki, slopes, ctx.r2, scale)
-                p = torch.exp(s - lse[b][:, qi].unsqueeze(-1))
+                p = s.sub_(lse[b][:, qi].unsqueeze(-1)).exp_()  # in place
                 dO = gp[:, qi]
                 flat_k = ki.reshape(-1)
                 dv[b].index_add_(1, flat_k, torch.matmul(p.transpose(-1, -2), dO).reshape(h, -1, dv.shape[-1]))
-                ds = p * (torch.matmul(dO, vp[:, ki].transpose(-1, -2)) - dp_[:, qi].unsqueeze(-1))
+                ds = torch.matmul(dO, vp[:, ki].transpose(-1, -2)).sub_(dp_[:, qi].unsqueeze(-1)).mul_(p)
                 dq[b].index_add_(1, qi.reshape(-1), torch.matmul(ds, K).mul_(scale).reshape(h, -1, d))
                 dk[b].index_add_(1, flat_k, torch.matmul(ds.transpose(-1, -2), Q).mul_(scale).reshape(h, -1, d))
         return dq[:, :, :N], dk[:, :, :N], dv[:, :, :N], None, None, None

@@ -13,17 +13,12 @@ import logging
 import time
 from pathlib import Path
 
+from milstudy.console import add_logging_flags
+
 log = logging.getLogger("milstudy.calibrate")
 
 
 def _cmd_calibrate(args) -> int:
-    from milstudy.train.two_stage_cli import command_logging
-
-    with command_logging(quiet=args.quiet):
-        return _calibrate(args)
-
-
-def _calibrate(args) -> int:
     import pandas as pd
 
     from milstudy.papers import svec
@@ -71,5 +66,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds per value")
     p.add_argument("--out", default="results/calibration", help="folder for the tables and run.json")
     p.add_argument("--freeze", action="store_true", help="write the chosen knobs to milstudy/resources/svec_knobs.json")
-    p.add_argument("--quiet", action="store_true")
+    add_logging_flags(p, "debug messages")
     p.set_defaults(func=_cmd_calibrate)

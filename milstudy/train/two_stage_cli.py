@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from milstudy.console import add_logging_flags
 
 log = logging.getLogger("milstudy.cli")
 OWN_KEYS = ("manifest", "features", "model", "model_kw", "task", "classes", "label_column", "class_weights",
@@ -31,32 +31,6 @@ _DEFAULTS = {"task": "classification", "label_column": "label", "model_kw": {}, 
              "val_fraction": 0.125, "save_attention": False, "preload": False, "n_bins": 4, "survival_loss": "nll"}
 
 
-# ------------------------------------------------------------------------------------------------ logging
-@contextmanager
-def command_logging(quiet: bool = False, verbose: bool = False) -> Iterator[None]:
-    """``milstudy.*`` loggers to stderr for one command: INFO by default, WARNING with ``--quiet``, DEBUG with
-    ``--verbose``; the logger's level and handlers are restored afterwards (``main()`` called from Python)."""
-    logger = logging.getLogger("milstudy")
-    previous = logger.level
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to the ``sys.stderr`` of the moment (not the one at creation, which pytest's capture may have closed)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-        except Exception:  # noqa: BLE001 - logging must never end a run
-            self.handleError(record)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -115,12 +89,7 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``milstudy train``: see the module docstring."""
-    with command_logging(args.quiet, args.verbose):
-        return _train(args)
-
-
-def _train(args: argparse.Namespace) -> int:
+    """``milstudy train``: see the module docstring (``milstudy.cli.main`` sets up logging)."""
     from milstudy.data.bags import BagDataset
     from milstudy.provenance import now_iso
     from milstudy.train import two_stage_inputs as inputs
@@ -162,12 +131,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``milstudy eval``: see the module docstring."""
-    with command_logging(args.quiet, args.verbose):
-        return _eval(args)
-
-
-def _eval(args: argparse.Namespace) -> int:
+    """``milstudy eval``: see the module docstring (``milstudy.cli.main`` sets up logging)."""
     from milstudy.data.bags import BagDataset
     from milstudy.provenance import now_iso
     from milstudy.train import two_stage_inputs as inputs
@@ -215,12 +179,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parsers
-def _add_logging(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quiet", action="store_true", help="warnings and errors only")
-    group.add_argument("--verbose", action="store_true", help="debug messages and one line per epoch")
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on the ``milstudy`` command."""
     p = subparsers.add_parser("train", help="two-stage MIL training on feature bags (k-fold or fixed splits)",
@@ -246,7 +204,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="write attention/<slide_id>.npy for the validation and test slides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting or TrainConfig field (YAML value), e.g. --set patience=10")
-    _add_logging(p)
+    add_logging_flags(p, "debug messages and one line per epoch")
     p.set_defaults(func=cmd_train)
 
     e = subparsers.add_parser("eval", help="score a `milstudy train` checkpoint on the bags of a manifest")
@@ -257,5 +215,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--label-column", dest="label_column", help="default: the checkpoint's")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     e.add_argument("--save-attention", dest="save_attention", action="store_true")
-    _add_logging(e)
+    add_logging_flags(e, "debug messages and one line per epoch")
     e.set_defaults(func=cmd_eval)

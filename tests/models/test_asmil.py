@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from milstudy.models import build_model
@@ -50,3 +51,24 @@ def test_eval_returns_online_output_and_exact_drop_count():
     out = model(x)
     assert out.aux_losses == {} and out.extras["token_keep"].all()
     torch.testing.assert_close(out.logits, model.online(x).logits)
+
+
+def test_entmax_target_is_a_masked_distribution_between_softmax_and_sparsemax():
+    import torch
+
+    from milstudy.models.anchor import entmax_target
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 50, dtype=torch.float64) * 3
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[1, 40:] = False
+    soft = torch.softmax(logits.masked_fill(~mask[:, None], float("-inf")), -1)
+    for alpha in (1.0, 1.25, 1.5, 2.0):
+        p = entmax_target(logits, mask, alpha)
+        assert torch.allclose(p.sum(-1), torch.ones(2, 3, dtype=p.dtype), atol=1e-6)
+        assert (p[1, :, 40:] == 0).all() and (p >= 0).all()
+    assert torch.allclose(entmax_target(logits, mask, 1.0), soft, atol=1e-5)
+    assert (entmax_target(logits, mask, 2.0) == 0).float().mean() > 0.5  # sparsemax: most tiles exactly 0
+    assert not (soft == 0)[:, :, :40].any()
+    with pytest.raises(ValueError, match="entmax_alpha"):
+        entmax_target(logits, mask, 0.5)

@@ -116,3 +116,17 @@ def test_no_n_by_n_tensor_in_forward_or_backward_and_the_oracle_would_trip_the_c
         with _NoQuadratic(limit):
             dense_local_attention_2d(q, k, v, coords, 5)
     assert math.isfinite(float(q.grad.abs().sum()))
+
+
+@pytest.mark.parametrize("radius,tile", [(3, 4), (10, 8), (10, None)])
+def test_pair_counts_are_exact_and_the_padding_is_counted(radius, tile):
+    from milstudy.models.local_attention import local_attention_pairs
+
+    coords, _ = _foreground(500, 30, batch=1)
+    stats = local_attention_pairs(coords[0], radius, tile=tile, chunk_elems=4096)
+    diff = coords[0][:, None, :] - coords[0][None, :, :]
+    assert stats["useful"] == int(((diff * diff).sum(-1) <= radius * radius).sum())  # self pairs included
+    assert stats["computed"] >= stats["useful"] and stats["computed_over_useful"] >= 1.0
+    assert stats["tile"] == (tile or 8) and stats["chunks"] >= 1
+    with pytest.raises(ValueError, match="coords"):
+        local_attention_pairs(coords, radius)

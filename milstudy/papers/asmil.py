@@ -1,0 +1,325 @@
+"""ASMIL study helpers (specs/asmil.md §4.1, §4.3 S1/S6): the synthetic feature-bag world, the variants that are
+compared, a grid of two-stage runs with per-epoch attention snapshots, and the claims table of notebook 20.
+
+**World** (spec §4.1, our choice): the frozen S-vec detection world (``milstudy.papers.svec``: irregular tissue
+grids of 4 benign tissue types, 1-3 tumour foci, benign mimics sharing part of the tumour cue, slide-level stain
+offsets) read as *feature bags*: each patch's 32-d descriptor is its feature (no encoder), with the spec's
+harder settings on top: foci covering 0.5-10 % of the tissue, 200-800 patches per bag, and ``label_noise`` of
+the *training* labels flipped (a small noisy training set, what makes attention wander; validation and test labels
+stay clean). Instance labels and coordinates come with every bag.
+
+**Runs**: ``run_dynamics`` trains every variant for every seed with ``train_two_stage`` at a constant learning
+rate (spec §4.2: instability is measured before any cosine tail), snapshots the eval-mode attention of the tracked
+test slides after every epoch, and returns tidy frames: per-run metrics, per-slide test predictions, the
+stability table (JSD to the next and to the final epoch, normalised entropy) and the training history. Runs are
+independent and deterministic given (variant, seed), so ``workers > 1`` spreads them over processes (one torch
+thread each) without changing a number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from milstudy.analysis.claims import Claim, claims_table
+
+# name -> (registry name, model kwargs). Anchor defaults: EMA, beta 0.999 per step, lambda 1, per-distribution KL.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ABMIL": ("abmil", {}),
+    "ABMIL + anchor": ("abmil_anchor", {}),
+    "ABMIL + anchor + NSF": ("abmil_anchor_nsf", {}),
+    "ABMIL + uniform target": ("abmil_anchor_nsf", {"anchor_mode": "uniform_target"}),
+    "ABMIL + frozen random anchor": ("abmil_anchor_nsf", {"anchor_mode": "frozen_random"}),
+    "ABMIL + per-epoch anchor + NSF": ("abmil_anchor_nsf", {"anchor_update": "epoch"}),
+    "ABMIL + anchor + NSF (1/N KL)": ("abmil_anchor_nsf", {"kl_reduction": "upstream"}),
+    "ABMIL + uniform target (1/N KL)": ("abmil_anchor_nsf", {"anchor_mode": "uniform_target",
+                                                            "kl_reduction": "upstream"}),
+    "CLAM-SB": ("clam_sb", {}),
+    "CLAM-SB + anchor + NSF": ("clam_sb_anchor_nsf", {}),
+    "TransMIL": ("transmil", {}),
+    "TransMIL + anchor + NSF": ("transmil_anchor_nsf", {}),
+    "ASMIL": ("asmil", {}),
+    "ASMIL without anchor": ("asmil_net", {}),
+}
+SMALL_ASMIL = {"dim": 64, "heads": 4, "n_tokens": 4}  # cpu profile: 1/4 of the default cost (spec §2.9: 128/8/8)
+WORLD_OVERRIDES = {"witness_rate": (0.005, 0.1), "n_patches": (200, 800)}
+
+
+@dataclass
+class AsmilData:
+    """Feature bags per split (``milstudy.data.bags.Bag``), the task, the world and the flipped training slides."""
+
+    bags: dict[str, list]
+    task: Any
+    world: Any
+    flipped: list[str] = field(default_factory=list)
+
+
+def asmil_bags(profile: str = "cpu", seed: int = 1, label_noise: float = 0.1, n_slides: int | None = None,
+               **world_overrides: Any) -> AsmilData:
+    """The S1/S6 world (module docstring): the frozen S-vec detection world as feature bags, ``label_noise`` of the
+    training labels flipped (seeded by the world's ``seed``), ``world_overrides`` on top of ``WORLD_OVERRIDES``."""
+    import torch
+
+    from milstudy.data.bags import Bag
+    from milstudy.data.synthetic.descriptors import descriptor_cohort
+    from milstudy.papers.svec import SMOKE_WORLD, calibrated_world
+
+    if not 0 <= label_noise < 0.5:
+        raise ValueError(f"asmil_bags: label_noise must be in [0, 0.5), got {label_noise}")
+    design = {**WORLD_OVERRIDES, **(SMOKE_WORLD if profile == "smoke" else {}), **world_overrides}
+    if n_slides:
+        design["n_slides"] = int(n_slides)
+    world = calibrated_world("detection", seed=seed, **design)
+    cohort = descriptor_cohort(world)
+    rng = np.random.default_rng([seed, 7])
+    bags, flipped = {}, []
+    for split, slides in cohort.splits.items():
+        out = []
+        for s in slides:
+            target = int(s.target)
+            if split == "train" and rng.random() < label_noise:
+                target, _ = 1 - target, flipped.append(s.slide_id)
+            labels = None if s.instance_labels is None else torch.as_tensor(s.instance_labels)
+            out.append(Bag(torch.as_tensor(s.main), s.slide_id, target, torch.as_tensor(s.coords), labels))
+        bags[split] = out
+    return AsmilData(bags, cohort.task, world, flipped)
+
+
+def variant_spec(name: str, small: bool = False, overrides: Mapping[str, Mapping[str, Any]] | None = None
+                 ) -> tuple[str, dict[str, Any]]:
+    """(registry name, kwargs) of a variant; ``small``: the cpu-profile ASMIL size; ``overrides[name]`` on top."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ASMIL study variant {name!r}; choose from {list(VARIANTS)}")
+    registry, kwargs = VARIANTS[name]
+    kwargs = dict(kwargs)
+    if small and registry.startswith("asmil"):
+        kwargs.update(SMALL_ASMIL)
+    kwargs.update((overrides or {}).get(name, {}))
+    return registry, kwargs
+
+
+def _one_run(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (variant, seed) and return its tidy frames (runs in a worker process or in-line)."""
+    import time
+
+    import torch
+
+    from milstudy.analysis.stability import stability_table
+    from milstudy.data.bags import BagListDataset
+    from milstudy.models import build_model
+    from milstudy.train.optim import seed_everything
+    from milstudy.train.two_stage import train_two_stage
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    data: AsmilData = job["data"]
+    name, seed = job["variant"], job["seed"]
+    registry, kwargs = job["spec"]
+    seed_everything(seed)
+    in_dim = int(data.bags["train"][0].features.shape[-1])
+    model = build_model(registry, in_dim, data.task.n_out, **kwargs)
+    config = replace(job["config"], seed=seed)
+    start = time.perf_counter()
+    fit = train_two_stage(model, data.task, BagListDataset(data.bags["train"]), BagListDataset(data.bags["val"]),
+                          BagListDataset(data.bags["test"]), config)
+    wall = time.perf_counter() - start
+    tag = {"method": name, "seed": seed}
+    localization, froc_score = _localization(fit.attention, data.bags["test"])
+    stability = stability_table(fit.attention_snapshots).assign(**tag)
+    history = fit.history.assign(**tag)
+    predictions = fit.predictions
+    predictions = predictions[predictions["split"] == "test"].assign(**tag)
+    row = {**tag, "best_epoch": fit.best_epoch, "wall_s": wall, "train_s_per_epoch": fit.train_time / len(fit.history),
+           **{f"test_{k}": v for k, v in (fit.test_metrics or {}).items()},
+           **{f"val_{k}": v for k, v in fit.val_metrics.items()}, "froc": froc_score}
+    return {"run": row, "predictions": predictions, "stability": stability, "history": history,
+            "localization": localization.assign(**tag)}
+
+
+def _localization(attention: Mapping[str, np.ndarray], bags: Sequence[Any]) -> tuple[pd.DataFrame, float]:
+    """Per test slide: instance AUROC (positive slides), Dice / specificity / success (spec §4.2) of the
+    eval-mode attention read-out (head mean) of the selected model; and the run's FROC over the test slides."""
+    from milstudy.analysis.localization import froc, instance_auroc, localization_scores
+
+    rows, slides = [], []
+    for bag in bags:
+        if bag.slide_id not in attention or bag.instance_labels is None:
+            continue
+        scores = np.asarray(attention[bag.slide_id], np.float64)
+        labels, coords = bag.instance_labels.numpy(), bag.coords.numpy()
+        row = {"slide_id": bag.slide_id, "positive": bool(labels.any()),
+               **localization_scores(scores, labels, coords)}
+        row["instance_auroc"] = instance_auroc(scores, labels) if 0 < labels.sum() < len(labels) else np.nan
+        rows.append(row)
+        slides.append((scores.mean(0) if scores.ndim == 2 else scores, labels, coords))
+    has_lesion = any(s[1].any() for s in slides)
+    return pd.DataFrame(rows), froc(slides)["score"] if has_lesion else float("nan")
+
+
+@dataclass
+class Dynamics:
+    """Tidy frames of a grid of runs (one row per run / per test slide and run / per tracked slide, run and epoch
+    / per epoch and run)."""
+
+    runs: pd.DataFrame
+    predictions: pd.DataFrame
+    stability: pd.DataFrame
+    history: pd.DataFrame
+    localization: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def per_slide(self, late_from: float = 0.5) -> pd.DataFrame:
+        """One row per (method, seed, slide_id): ``early_jsd`` / ``late_jsd``, the mean JSD to the next epoch over
+        the steps e -> e + 1 (e >= 1) before / from the ``late_from`` share of them on (with a single step, both are
+        that step), and ``late_entropy``, the mean normalised entropy over the late steps."""
+        frame = self.stability.dropna(subset=["jsd_next"])
+        steps = sorted(frame["epoch"].unique())
+        if len(steps) > 1:  # epoch 0 (before training) -> 1 is the initial move, not oscillation
+            steps = steps[1:]
+        cut = min(max(1, int(round(late_from * len(steps)))), len(steps) - 1) if len(steps) > 1 else 0
+        keys = ["method", "seed", "slide_id"]
+        early = frame[frame["epoch"].isin(steps[:max(cut, 1)])].groupby(keys)["jsd_next"].mean()
+        late = frame[frame["epoch"].isin(steps[cut:])].groupby(keys)
+        out = pd.DataFrame({"early_jsd": early, "late_jsd": late["jsd_next"].mean(),
+                            "late_entropy": late["normalized_entropy"].mean()})
+        return out.reset_index()
+
+    def per_seed(self) -> pd.DataFrame:
+        """One row per (method, seed): the slide means of :meth:`per_slide` beside the run's test metrics."""
+        slides = self.per_slide().groupby(["method", "seed"])[["early_jsd", "late_jsd", "late_entropy"]].mean()
+        frame = self.runs.merge(slides.reset_index(), on=["method", "seed"], how="left")
+        if not self.localization.empty:
+            positive = self.localization[self.localization["positive"]]
+            loc = positive.groupby(["method", "seed"])[["instance_auroc", "dice"]].mean()
+            frame = frame.merge(loc.reset_index(), on=["method", "seed"], how="left")
+        return frame
+
+
+def run_dynamics(data: AsmilData, variants: Sequence[str], seeds: Sequence[int], config: Any,
+                 n_tracked: int = 20, small: bool = False, workers: int = 1,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True) -> Dynamics:
+    """Train every variant x seed (module docstring). ``config``: a ``TrainConfig`` (its seed is replaced per run);
+    the first ``n_tracked`` test slides are snapshotted every epoch. ``workers``: processes (one thread each)."""
+    from tqdm.auto import tqdm
+
+    tracked = [b.slide_id for b in data.bags["test"][:n_tracked]]
+    config = replace(config, snapshot_slides=tracked, quiet=True)
+    jobs = [{"data": data, "variant": v, "seed": int(s), "spec": variant_spec(v, small, overrides),
+             "config": config, "threads": 1 if workers > 1 else 0} for v in variants for s in seeds]
+    bar = tqdm(total=len(jobs), desc="runs", disable=not progress)
+    results = []
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for result in pool.map(_one_run, jobs):
+                results.append(result)
+                bar.update()
+    else:
+        for job in jobs:
+            results.append(_one_run(job))
+            bar.update()
+    bar.close()
+    return Dynamics(pd.DataFrame([r["run"] for r in results]),
+                    pd.concat([r["predictions"] for r in results], ignore_index=True),
+                    pd.concat([r["stability"] for r in results], ignore_index=True),
+                    pd.concat([r["history"] for r in results], ignore_index=True),
+                    pd.concat([r["localization"] for r in results], ignore_index=True))
+
+
+def _mean_of(column: str):
+    def metric(frame: pd.DataFrame) -> float:
+        return float(frame[column].mean())
+    metric.__name__ = f"mean_{column}"
+    return metric
+
+
+# (statement, A, B, metric, direction, paper A, paper B, units, source). "late_jsd": mean JSD to the next epoch over
+# the second half of training, per tracked test slide; "jsd" compares the halves of one method (``PHASES``).
+PHASES = ("ABMIL, second half", "ABMIL, first half")
+DYNAMICS_CLAIMS = [
+    ("ABMIL's attention keeps moving: its JSD per epoch does not fall in the second half", *PHASES, "jsd",
+     "greater", None, None, "", "Fig. 1 (oscillates instead of converging)"),
+    ("The EMA anchor + NSF lowers ABMIL's late attention instability", "ABMIL + anchor + NSF", "ABMIL",
+     "late_jsd", "less", None, None, "", "Fig. 1, §4.1"),
+    ("... also with the released 1/N KL scaling", "ABMIL + anchor + NSF (1/N KL)", "ABMIL", "late_jsd", "less",
+     None, None, "", "spec §2.5"),
+    ("... more than a uniform target of the same weight does (stabilisation, not flattening)",
+     "ABMIL + anchor + NSF (1/N KL)", "ABMIL + uniform target (1/N KL)", "late_jsd", "less", None, None, "",
+     "spec §4.3 S6"),
+    ("... more than the released frozen random anchor does", "ABMIL + anchor + NSF",
+     "ABMIL + frozen random anchor", "late_jsd", "less", None, None, "", "spec §3.1"),
+    ("The anchor + NSF raises ABMIL's macro-F1", "ABMIL + anchor + NSF", "ABMIL", "f1_macro", "greater",
+     None, None, "", "Table 2 (up to +10.73 % on BRACS)"),
+    ("The anchor + NSF raises ABMIL's AUC", "ABMIL + anchor + NSF", "ABMIL", "auc", "greater",
+     None, None, "", "Table 2"),
+    ("The anchor + NSF (1/N KL) raises ABMIL's macro-F1", "ABMIL + anchor + NSF (1/N KL)", "ABMIL", "f1_macro",
+     "greater", None, None, "", "Table 2"),
+    ("The anchor + NSF (1/N KL) raises ABMIL's AUC", "ABMIL + anchor + NSF (1/N KL)", "ABMIL", "auc", "greater",
+     None, None, "", "Table 2"),
+    ("The anchor + NSF improves ABMIL's localization (instance AUROC of attention)", "ABMIL + anchor + NSF",
+     "ABMIL", "instance_auroc", "greater", None, None, "", "Tables 13, 19 (ASMIL best FROC / Dice)"),
+    ("The anchor lowers ASMIL's late attention instability", "ASMIL", "ASMIL without anchor", "late_jsd", "less",
+     None, None, "", "Fig. 1, Table 3"),
+    ("The anchor raises ASMIL's macro-F1", "ASMIL", "ASMIL without anchor", "f1_macro", "greater",
+     0.784, 0.729, "F1 (BRACS)", "Table 12"),
+    ("The anchor raises ASMIL's AUC", "ASMIL", "ASMIL without anchor", "auc", "greater",
+     0.916, 0.866, "AUC (BRACS)", "Table 12"),
+]
+
+
+def _phases(per_slide: pd.DataFrame, method: str = "ABMIL") -> pd.DataFrame:
+    """The two halves of one method's runs as two pseudo-methods (``PHASES``), matched on seed and slide."""
+    base = per_slide[per_slide["method"] == method]
+    return pd.concat([base.assign(method=PHASES[0], jsd=base["late_jsd"]),
+                      base.assign(method=PHASES[1], jsd=base["early_jsd"])], ignore_index=True)
+
+
+def dynamics_claims(result: Dynamics, methods: Sequence[str] | None = None, n_resamples: int = 2000,
+                    seed: int = 0) -> pd.DataFrame:
+    """The claims table of notebook 20: AUC from per-slide test predictions, JSD from per-slide instability (both
+    by hierarchical bootstrap over seeds, then slides), macro-F1 by the paired t over seeds. Rows whose methods
+    were not run are left out."""
+    methods = set(result.runs["method"]) if methods is None else set(methods)
+    if "ABMIL" in methods:
+        methods |= set(PHASES)
+    claims = [Claim(s, a, b, m, d, pa, pb, u, source=src) for s, a, b, m, d, pa, pb, u, src in DYNAMICS_CLAIMS
+              if a in methods and b in methods]
+    if not claims:
+        raise ValueError(f"dynamics_claims: none of the claims' method pairs were run (methods: {sorted(methods)})")
+    per_seed = result.per_seed().rename(columns={"test_f1_macro": "f1_macro"})
+    per_slide = result.per_slide()
+    predictions = {"auc": result.predictions, "late_jsd": per_slide, "jsd": _phases(per_slide)}
+    metrics = {"late_jsd": _mean_of("late_jsd"), "jsd": _mean_of("jsd")}
+    if not result.localization.empty:
+        loc = result.localization.dropna(subset=["instance_auroc"])
+        predictions["instance_auroc"] = loc[["method", "seed", "slide_id", "instance_auroc"]]
+        metrics["instance_auroc"] = _mean_of("instance_auroc")
+    return claims_table(claims, predictions=predictions, per_seed=per_seed, n_resamples=n_resamples, seed=seed,
+                        metrics=metrics)
+
+
+def attention_logits_of(model: Any, bags: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Eval-mode ``attention_logits`` ``{slide_id: [heads, N]}`` of a trained model on ``bags`` (one at a time)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    out = {}
+    try:
+        with torch.no_grad():
+            for bag in bags:
+                x = bag.features.to(param.device, param.dtype)[None]
+                coords = None if bag.coords is None else bag.coords.to(param.device)[None]
+                logits = model(x, coords=coords).attention_logits
+                if logits is None:
+                    raise ValueError(f"{type(model).__name__} returns no attention_logits")
+                out[str(bag.slide_id)] = logits[0].double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out

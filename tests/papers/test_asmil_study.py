@@ -1,0 +1,109 @@
+"""The ASMIL study helpers (milstudy.papers.asmil): the feature-bag world, the run grid and its claims table."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from milstudy.papers import asmil as A
+from milstudy.train.two_stage import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    return A.asmil_bags("smoke", seed=3, label_noise=0.3)
+
+
+def test_label_noise_flips_only_training_labels(data):
+    clean = A.asmil_bags("smoke", seed=3, label_noise=0.0)
+    assert data.flipped and clean.flipped == []
+    for split in ("train", "val", "test"):
+        for noisy, truth in zip(data.bags[split], clean.bags[split]):
+            assert noisy.slide_id == truth.slide_id
+            flipped = noisy.slide_id in data.flipped
+            assert (noisy.target != truth.target) == flipped
+            assert not (flipped and split != "train")
+            assert noisy.features.shape[1] == 32 and noisy.coords.shape == (len(noisy), 2)
+    # the bags carry ground truth: instance labels agree with the clean slide label
+    for bag in clean.bags["test"]:
+        assert int(bag.instance_labels.max()) == int(bag.target)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="label_noise"):
+        A.asmil_bags("smoke", label_noise=0.6)
+    with pytest.raises(ValueError, match="unknown ASMIL study variant"):
+        A.variant_spec("ABMIL + magic")
+    assert A.variant_spec("ASMIL", small=True)[1]["n_tokens"] == A.SMALL_ASMIL["n_tokens"]
+    assert A.variant_spec("ABMIL", small=True)[1] == {}
+
+
+@pytest.fixture(scope="module")
+def grid(data):
+    config = TrainConfig(epochs=3, lr=1e-3, schedule="constant", warmup_epochs=0, device="cpu")
+    return A.run_dynamics(data, ["ABMIL", "ABMIL + anchor + NSF"], [0, 1], config, n_tracked=3, small=True,
+                          progress=False)
+
+
+def test_run_dynamics_returns_tidy_frames(grid, data):
+    assert len(grid.runs) == 4 and set(grid.runs["method"]) == {"ABMIL", "ABMIL + anchor + NSF"}
+    test_ids = {b.slide_id for b in data.bags["test"]}
+    assert set(grid.predictions["slide_id"]) == test_ids
+    tracked = {b.slide_id for b in data.bags["test"][:3]}
+    assert set(grid.stability["slide_id"]) == tracked
+    assert set(grid.stability["epoch"]) == {0, 1, 2, 3}
+    per_slide = grid.per_slide()
+    assert len(per_slide) == 4 * 3 and per_slide[["early_jsd", "late_jsd"]].notna().all().all()
+    assert ((per_slide["late_jsd"] >= 0) & (per_slide["late_jsd"] <= np.log(2))).all()
+    per_seed = grid.per_seed()
+    assert {"test_auc", "test_f1_macro", "late_jsd", "late_entropy", "instance_auroc", "dice", "froc"} <= set(
+        per_seed.columns)
+    loc = grid.localization
+    assert set(loc["slide_id"]) == test_ids and len(loc) == 4 * len(test_ids)
+    assert loc.loc[loc["positive"], "instance_auroc"].between(0, 1).all()
+    assert loc.loc[~loc["positive"], "instance_auroc"].isna().all()
+
+
+def test_runs_are_deterministic_and_independent_of_the_worker_count(grid, data):
+    config = TrainConfig(epochs=3, lr=1e-3, schedule="constant", warmup_epochs=0, device="cpu")
+    again = A.run_dynamics(data, ["ABMIL + anchor + NSF"], [1], config, n_tracked=3, small=True, workers=2,
+                           progress=False)
+    first = grid.stability[(grid.stability["method"] == "ABMIL + anchor + NSF") & (grid.stability["seed"] == 1)]
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), again.stability.reset_index(drop=True))
+
+
+def test_dynamics_claims_has_the_rows_of_the_methods_that_ran(grid):
+    table = A.dynamics_claims(grid, n_resamples=200)
+    assert len(table) == 5  # ABMIL's halves; late JSD, F1, AUC and localization of ABMIL + anchor + NSF vs ABMIL
+    assert table["metric"].tolist() == ["jsd", "late_jsd", "f1_macro", "auc", "instance_auroc"]
+    assert set(table["verdict"]) <= {"supported", "contradicted", "inconclusive"}
+    assert (table["ci_low"] <= table["difference"]).all() and (table["difference"] <= table["ci_high"]).all()
+    with pytest.raises(ValueError, match="none of the claims"):
+        A.dynamics_claims(grid, methods=["ASMIL"])
+
+
+def test_attention_logits_of_gives_the_logits_of_the_models_attention(data):
+    import torch
+
+    from milstudy.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("asmil", 32, 2, **A.SMALL_ASMIL).train()
+    logits = A.attention_logits_of(model, data.bags["test"][:2])  # eval mode inside: no token drop
+    assert model.training  # the mode is restored
+    model.eval()
+    for bag in data.bags["test"][:2]:
+        z = logits[bag.slide_id]
+        assert z.shape == (A.SMALL_ASMIL["n_tokens"] * A.SMALL_ASMIL["heads"], len(bag))
+        with torch.no_grad():
+            attention = model(bag.features[None]).attention[0].double().numpy()
+        np.testing.assert_allclose(np.exp(z) / np.exp(z).sum(-1, keepdims=True), attention, atol=1e-6)
+
+
+def test_per_slide_halves_split_the_epoch_steps(grid):
+    stab = grid.stability
+    one = stab[(stab["method"] == "ABMIL") & (stab["seed"] == 0)]
+    sid = one["slide_id"].iloc[0]
+    jsd = one[one["slide_id"] == sid].set_index("epoch")["jsd_next"]  # steps 0->1, 1->2, 2->3
+    row = grid.per_slide().query("method == 'ABMIL' and seed == 0 and slide_id == @sid").iloc[0]
+    assert row["early_jsd"] == pytest.approx(jsd[1])  # step 0 -> 1 left out; 2 steps: one per half
+    assert row["late_jsd"] == pytest.approx(jsd[2])
