@@ -38,8 +38,8 @@ from scipy.stats import rankdata
 from milstudy.analysis.stats import seed_summary
 from milstudy.plots_rank import attention_raster_maps, rank_measures_plot, scaling_plot  # noqa: F401,E501  (re-exported)
 from milstudy.plots_intervals import (  # noqa: F401  (re-exported: plots is the one door for figures)
-    VERDICT_COLOURS, chance_level, clip_interval, error_bar_label, forest_plot, interval_errorbar, mark_chance,
-    metric_range,
+    VERDICT_COLOURS, chance_level, clip_interval, error_bar_label, forest_plot, grouped_intervals, interval_errorbar,
+    mark_chance, metric_range,
 )
 
 ATTENTION_CMAP = "magma"

@@ -125,3 +125,36 @@ def forest_plot(table: pd.DataFrame, ax: Axes | None = None, title: str | None =
     ax.grid(axis="y", visible=False)
     ax.set_title(title or "Claims: our difference with its interval")
     return fig
+
+
+def grouped_intervals(summary: pd.DataFrame, x: str, hue: str, metric: str, ax: Axes | None = None,
+                      level: float = 0.95, title: str | None = None) -> Figure:
+    """Per ``hue`` group, ``<metric>_mean`` with its ``<metric>_low`` / ``<metric>_high`` interval at each
+    category of ``x`` (in the frame's order, or a categorical's), points joined by lines and dodged so bars do not
+    overlap; the y label says what the bars are (``n_seeds`` column), the chance line is drawn."""
+    need = [x, hue, f"{metric}_mean", f"{metric}_low", f"{metric}_high", "n_seeds"]
+    missing = [c for c in need if c not in summary]
+    if missing:
+        raise ValueError(f"summary lacks {missing}; pass one row per ({hue}, {x}) with mean / low / high columns")
+    categories = (list(summary[x].cat.categories) if isinstance(summary[x].dtype, pd.CategoricalDtype)
+                  else list(dict.fromkeys(summary[x])))
+    categories = [c for c in categories if c in set(summary[x])]
+    groups = list(dict.fromkeys(summary[hue]))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(categories)), 4.2))
+    width = 0.6 / max(1, len(groups))
+    for k, group in enumerate(groups):
+        rows = summary[summary[hue] == group].set_index(x).reindex(categories)
+        position = np.arange(len(categories)) + (k - (len(groups) - 1) / 2) * width
+        mean = rows[f"{metric}_mean"].to_numpy(float)
+        low, high = clip_interval(rows[f"{metric}_low"].fillna(rows[f"{metric}_mean"]),
+                                  rows[f"{metric}_high"].fillna(rows[f"{metric}_mean"]), metric)
+        ax.errorbar(position, mean, yerr=np.vstack([mean - low, high - mean]), fmt="o-", capsize=3, linewidth=1,
+                    markersize=4, label=str(group))
+    ax.set_xticks(np.arange(len(categories)), [textwrap.fill(str(c), 18) for c in categories], fontsize=8)
+    ax.set_ylabel(f"{metric}\n({error_bar_label(summary['n_seeds'].tolist(), level)}, t-interval)")
+    mark_chance(ax, metric)
+    ax.legend(fontsize=8, ncol=2)
+    if title:
+        ax.set_title(title)
+    return ax.figure

@@ -133,3 +133,20 @@ def test_attention_mass_scale_shows_peakedness_and_auroc_is_written():
     assert "uniform" in ax.figure.axes[-1].get_ylabel()  # the mass colour bar
     with pytest.raises(ValueError, match="scale must be"):
         plots.attention_colour(flat, "log")
+
+
+def test_grouped_intervals_dodges_groups_clips_bars_and_keeps_category_order():
+    buckets = pd.Categorical(["short", "long", "short", "long"], categories=["short", "long"], ordered=True)
+    summary = pd.DataFrame({"method": ["a", "a", "b", "b"], "bucket": buckets, "n_seeds": 5,
+                            "auc_mean": [0.9, 0.95, 0.6, 0.5], "auc_low": [0.8, 0.85, 0.4, 0.3],
+                            "auc_high": [1.0, 1.1, 0.8, 0.7]})
+    ax = plots.grouped_intervals(summary, "bucket", "method", "auc").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["short", "long"]
+    assert "mean ± 95 % CI over 5 seeds" in ax.get_ylabel()
+    points = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [list(np.round(p.get_xdata(), 3)) for p in points] == [[-0.15, 0.85], [0.15, 1.15]]  # dodged
+    caps = [line for line in ax.lines if line.get_marker() == "_"]
+    assert max(np.max(c.get_ydata()) for c in caps) == pytest.approx(1.0)  # 1.1 clipped to AUC's range
+    assert any(line.get_label() == "chance (0.5)" for line in ax.lines)
+    with pytest.raises(ValueError, match="summary lacks"):
+        plots.grouped_intervals(summary.drop(columns="auc_low"), "bucket", "method", "auc")

@@ -147,6 +147,15 @@ def tissue_grid(n_target: int, rng: np.random.Generator) -> np.ndarray:
     return (cells - cells.min(0)).astype(np.int64)
 
 
+def tissue_regions(cells: np.ndarray, n_types: int, rng: np.random.Generator) -> np.ndarray:
+    """Tissue type ``[N]`` of every cell: spatially coherent regions (the nearest of 3-7 random centres), each of a
+    random type in ``0 .. n_types - 1``."""
+    n_regions = int(rng.integers(3, 8))
+    centres = cells[rng.choice(len(cells), size=min(n_regions, len(cells)), replace=False)]
+    region = np.argmin(np.hypot(*(cells[:, None, :] - centres[None]).transpose(2, 0, 1)), axis=1)
+    return rng.integers(0, n_types, size=len(centres))[region]
+
+
 def grow_foci(cells: np.ndarray, n_cells: int, n_foci: int, free: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Boolean ``[N]``: ``n_cells`` cells among ``free`` nearest to ``n_foci`` random centres (ragged borders)."""
     chosen = np.zeros(len(cells), bool)
@@ -194,11 +203,7 @@ def _build_slide(world: DescriptorWorld, plan: dict[str, Any], dirs: dict[str, n
     n_target = int(rng.integers(world.n_patches[0], world.n_patches[1] + 1))
     cells = tissue_grid(n_target, rng)
     n = len(cells)
-    # tissue regions: nearest of a few centres, each of a random benign type
-    n_regions = int(rng.integers(3, 8))
-    centres = cells[rng.choice(n, size=min(n_regions, n), replace=False)]
-    region = np.argmin(np.hypot(*(cells[:, None, :] - centres[None]).transpose(2, 0, 1)), axis=1)
-    tissue = rng.integers(0, world.n_tissue_types, size=len(centres))[region]
+    tissue = tissue_regions(cells, world.n_tissue_types, rng)
     tumour = grow_foci(cells, int(round(plan["witness_rate"] * n)), int(rng.integers(world.foci[0], world.foci[1] + 1)),
                        np.ones(n, bool), rng)
     if plan["witness_rate"] > 0 and not tumour.any():
