@@ -65,3 +65,37 @@ def test_data_check_and_tile_read_the_manifest_mpp_column(tmp_path, noresolution
     assert main(["data", "tile", "--manifest", str(with_mpp), "--slide-root", str(root), "--out", str(out),
                  "--quiet"]) == 0
     assert (out / "n.h5").is_file()
+
+
+def test_data_tile_records_a_non_slide_error_and_goes_on(tmp_path, root, monkeypatch, capsys):
+    """Item 4: a MemoryError (or a full disk) on one slide is recorded in the summary; the batch goes on."""
+    import milstudy.data.tissue as tissue
+
+    shutil.copy(root / "a.tiff", root / "b.tiff")
+    real = tissue.segment_tissue
+
+    def fails_on_a(slide, **kw):
+        if str(getattr(slide, "path", "")).endswith("a.tiff"):
+            raise MemoryError
+        return real(slide, **kw)
+
+    monkeypatch.setattr(tissue, "segment_tissue", fails_on_a)
+    out = tmp_path / "tiles"
+    code = main(["data", "tile", "--slides", str(root / "a.tiff"), str(root / "b.tiff"), "--out", str(out), "--quiet"])
+    summary = pd.read_csv(out / "tiling_summary.csv").set_index("slide_id")
+    assert code == 1 and summary.loc["a", "status"] == "error" and "out of memory" in summary.loc["a", "message"]
+    assert summary.loc["b", "status"] == "ok" and (out / "b.h5").is_file() and not (out / "a.h5").exists()
+    assert "error: a" in capsys.readouterr().out  # the problem is listed first
+
+
+def test_segmentation_refuses_an_implausibly_large_single_level_slide():
+    """Item 4: a single-level header of 100,000 x 100,000 px is refused before anything is read."""
+    from types import SimpleNamespace
+
+    from milstudy.data.slides import SlideError
+    from milstudy.data.tissue import check_segmentation_level
+
+    huge = SimpleNamespace(path="huge.tiff", level_dimensions=[(100_000, 100_000)])
+    with pytest.raises(SlideError, match="huge.tiff.*too large to segment"):
+        check_segmentation_level(huge, 0)
+    check_segmentation_level(SimpleNamespace(path="ok.tiff", level_dimensions=[(4000, 3000)]), 0)
