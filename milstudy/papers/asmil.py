@@ -323,3 +323,29 @@ def attention_logits_of(model: Any, bags: Sequence[Any]) -> dict[str, np.ndarray
     finally:
         model.train(was_training)
     return out
+
+
+def trained_targets(data: AsmilData, seeds: Sequence[int], temperatures: Sequence[float], epochs: int = 10,
+                    lr: float = 2e-4) -> pd.DataFrame:
+    """Notebook 21 (S2 on trained logits): per seed, ABMIL trained on ``data`` (selection on validation), its
+    attention logits on the test bags turned into NSF and softmax targets at each temperature
+    (:func:`milstudy.analysis.nsf_theory.target_concentration`); rows carry ``seed``, ``method`` ("NSF T=1") and
+    ``log_top_ratio`` for the claims table."""
+    from milstudy.analysis.nsf_theory import target_concentration
+    from milstudy.data.bags import BagListDataset
+    from milstudy.models import build_model
+    from milstudy.train.optim import seed_everything
+    from milstudy.train.two_stage import TrainConfig, train_two_stage
+
+    rows = []
+    in_dim = int(data.bags["train"][0].features.shape[-1])
+    for s in seeds:
+        seed_everything(s)
+        model = build_model("abmil", in_dim, data.task.n_out)
+        train_two_stage(model, data.task, BagListDataset(data.bags["train"]), BagListDataset(data.bags["val"]),
+                        None, TrainConfig(epochs=epochs, lr=lr, device="cpu", seed=s, quiet=True))
+        rows.append(target_concentration(attention_logits_of(model, data.bags["test"]), temperatures).assign(seed=s))
+    targets = pd.concat(rows, ignore_index=True)
+    targets["method"] = targets["target"] + " T=" + targets["temperature"].map("{:g}".format)
+    targets["log_top_ratio"] = np.log(targets["top_ratio"])
+    return targets

@@ -107,3 +107,11 @@ def test_per_slide_halves_split_the_epoch_steps(grid):
     row = grid.per_slide().query("method == 'ABMIL' and seed == 0 and slide_id == @sid").iloc[0]
     assert row["early_jsd"] == pytest.approx(jsd[1])  # step 0 -> 1 left out; 2 steps: one per half
     assert row["late_jsd"] == pytest.approx(jsd[2])
+
+
+def test_trained_targets_give_both_targets_per_seed_slide_and_temperature(data):
+    targets = A.trained_targets(data, seeds=[0, 1], temperatures=[1.0, 2.0], epochs=1)
+    n_test = len(data.bags["test"])
+    assert len(targets) == 2 * n_test * 2 * 2
+    assert set(targets["method"]) == {"NSF T=1", "NSF T=2", "softmax T=1", "softmax T=2"}
+    assert (targets["log_top_ratio"] >= 0).all() and targets["normalized_entropy"].between(0, 1).all()
