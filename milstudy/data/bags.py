@@ -203,6 +203,10 @@ class BagListDataset(Dataset):
     def slide_ids(self) -> list[str]:
         return [bag.slide_id for bag in self.bags]
 
+    @property
+    def n_instances(self) -> list[int]:
+        return [len(bag) for bag in self.bags]
+
 
 def _class_index(classes: Sequence, value, slide_id: str, where: str = "") -> int:
     for i, known in enumerate(classes):

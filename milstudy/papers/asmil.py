@@ -19,15 +19,14 @@ thread each) without changing a number.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from multiprocessing import get_context
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from milstudy.analysis.claims import Claim, claims_table
+from milstudy.parallel import process_map
 
 # name -> (registry name, model kwargs). Anchor defaults: EMA, beta 0.999 per step, lambda 1, per-distribution KL.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -109,16 +108,12 @@ def _one_run(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (variant, seed) and return its tidy frames (runs in a worker process or in-line)."""
     import time
 
-    import torch
-
     from milstudy.analysis.stability import stability_table
     from milstudy.data.bags import BagListDataset
     from milstudy.models import build_model
     from milstudy.train.optim import seed_everything
     from milstudy.train.two_stage import train_two_stage
 
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
     data: AsmilData = job["data"]
     name, seed = job["variant"], job["seed"]
     registry, kwargs = job["spec"]
@@ -206,24 +201,11 @@ def run_dynamics(data: AsmilData, variants: Sequence[str], seeds: Sequence[int],
                  overrides: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True) -> Dynamics:
     """Train every variant x seed (module docstring). ``config``: a ``TrainConfig`` (its seed is replaced per run);
     the first ``n_tracked`` test slides are snapshotted every epoch. ``workers``: processes (one thread each)."""
-    from tqdm.auto import tqdm
-
     tracked = [b.slide_id for b in data.bags["test"][:n_tracked]]
     config = replace(config, snapshot_slides=tracked, quiet=True)
     jobs = [{"data": data, "variant": v, "seed": int(s), "spec": variant_spec(v, small, overrides),
-             "config": config, "threads": 1 if workers > 1 else 0} for v in variants for s in seeds]
-    bar = tqdm(total=len(jobs), desc="runs", disable=not progress)
-    results = []
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for result in pool.map(_one_run, jobs):
-                results.append(result)
-                bar.update()
-    else:
-        for job in jobs:
-            results.append(_one_run(job))
-            bar.update()
-    bar.close()
+             "config": config} for v in variants for s in seeds]
+    results = process_map(_one_run, jobs, workers, progress)
     return Dynamics(pd.DataFrame([r["run"] for r in results]),
                     pd.concat([r["predictions"] for r in results], ignore_index=True),
                     pd.concat([r["stability"] for r in results], ignore_index=True),

@@ -244,6 +244,30 @@ class ModelGrid:
     def table(self, metrics: Sequence[str] | None = None) -> pd.DataFrame:
         return aggregate_runs(self.results, metrics)
 
+    def fold_units(self, metric: str, prefix: str = "") -> pd.DataFrame:
+        """The ``per_seed`` frame of ``milstudy.analysis.claims.claims_table`` with test folds as matched units: one
+        row per (model, repeat, fold), columns ``method`` (``prefix + model``), ``seed`` (``1000 * seed + fold``,
+        the same fold of the same repeat for every model) and ``metric`` (its ``test_`` value). Folds of one
+        repeat share training bags, so intervals over them are optimistic; say so where they are quoted."""
+        runs = self.runs[self.runs["metric"] == f"test_{metric}"]
+        if runs.empty:
+            raise ValueError(f"fold_units: no test_{metric} in this grid; metrics: "
+                             f"{sorted(m[5:] for m in self.runs['metric'].unique() if m.startswith('test_'))}")
+        return pd.DataFrame({"method": prefix + runs["model"].astype(str), "seed": 1000 * runs["seed"] + runs["fold"],
+                             metric: runs["value"].to_numpy()}).reset_index(drop=True)
+
+
+def _grid_job(job: dict[str, Any]) -> CVResult:
+    """Cross-validate one registered model (a ``run_model_grid`` job; runs in a worker process or in-line)."""
+    from milstudy.models.base import build_model
+
+    name, kwargs, in_dim, task = job["name"], job["kwargs"], job["in_dim"], job["task"]
+    return cross_validate(
+        lambda: build_model(name, in_dim, task.n_out, **kwargs), task, job["bags"], job["k"], job["seeds"],
+        job["config"], job["val_fraction"], job["preprocess"], job["n_bootstrap"], job["progress"], desc=name,
+        bootstrap_metrics=job["bootstrap_metrics"],
+    )
+
 
 def run_model_grid(
     model_names: Sequence[str],
@@ -258,24 +282,26 @@ def run_model_grid(
     n_bootstrap: int = 1000,
     progress: bool = True,
     bootstrap_metrics: Sequence[str] | None = None,
+    workers: int = 1,
 ) -> ModelGrid:
     """Cross-validate every registered model in ``model_names`` on the same folds.
 
     Models are built with ``milstudy.models.build_model(name, in_dim, task.n_out, **model_kwargs.get(name, {}))``,
-    ``in_dim`` read from the first bag. Returns per-run rows (``model, seed, fold, metric, value``, tidy) and the
+    ``in_dim`` read from the first bag. ``workers`` > 1: one model per spawned process, one torch thread each
+    (``milstudy.parallel.process_map``; the numbers do not change, every run seeds itself; ``preprocess`` must then
+    be a module-level function). Returns per-run rows (``model, seed, fold, metric, value``, tidy) and the
     per-model summary (``model`` + ``CVResult.summary`` columns).
     """
-    from milstudy.models.base import build_model
+    from milstudy.parallel import process_map
 
     in_dim = int(bags[0].features.shape[-1])
     model_kwargs = model_kwargs or {}
-    results: dict[str, CVResult] = {}
-    for name in tqdm(list(model_names), desc="models", disable=not progress):
-        kwargs = dict(model_kwargs.get(name, {}))
-        results[name] = cross_validate(
-            lambda: build_model(name, in_dim, task.n_out, **kwargs), task, bags, k, seeds, config,
-            val_fraction, preprocess, n_bootstrap, progress, desc=name, bootstrap_metrics=bootstrap_metrics,
-        )
+    bags = [bags[i] for i in range(len(bags))]
+    jobs = [{"name": name, "kwargs": dict(model_kwargs.get(name, {})), "in_dim": in_dim, "task": task, "bags": bags,
+             "k": k, "seeds": list(seeds), "config": config, "val_fraction": val_fraction, "preprocess": preprocess,
+             "n_bootstrap": n_bootstrap, "progress": progress and workers == 1,
+             "bootstrap_metrics": bootstrap_metrics} for name in model_names]
+    results = dict(zip(model_names, process_map(_grid_job, jobs, workers, progress, desc="models")))
     tidy = []
     for name, result in results.items():
         metric_cols = [c for c in result.runs.columns if c.startswith(("test_", "val_"))]

@@ -8,7 +8,8 @@ checkpoints and exact resume). The step:
   every bag's features (finite, non-empty; ``milstudy.data.bag_checks.validate_bags``) before training;
 - visits the training bags each epoch (optionally class-balanced oversampled, ``oversampling.py``) in an order drawn
   from a generator seeded by ``(seed, epoch)``; batch 1 feeds variable-size bags as they are, batch > 1 pads and
-  masks them (``milstudy.data.bags.collate_bags``);
+  masks them (``milstudy.data.bags.collate_bags``), optionally in batches of similar length
+  (``group_by_length``: less padding where bag sizes vary 10-500x, as in MUSK2);
 - passes ``coords`` and ``mask`` to the model, and the bag labels to models with ``needs_targets`` (CLAM's
   instance loss) when the task has class labels;
 - scores a split with :func:`evaluate` (the task loss over the whole split, metrics, predictions, attention).
@@ -42,12 +43,16 @@ class TrainConfig(LoopConfig):
     batch_size: 1 = variable bags as they are; > 1 = padding + mask. eval_batch_size likewise for evaluation.
     oversample: None, or the majority:minority ratio to top minority classes up to (2.0 = 2:1, 1.0 = balanced).
     num_workers: DataLoader workers.
+    group_by_length: batch > 1 only: each epoch cuts the shuffled order into pools of ``8 * batch_size`` bags, sorts
+      each pool by bag length, cuts it into batches and shuffles the batches (the composition still changes every
+      epoch; padding shrinks); evaluation batches bags in length order and returns them in dataset order.
     """
 
     batch_size: int = 1
     eval_batch_size: int = 1
     oversample: float | None = None
     num_workers: int = 0
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,9 +121,41 @@ def _forward(model: nn.Module, batch: dict[str, Any], targets: torch.Tensor | No
     return model(batch["features"], **kwargs)
 
 
-def _loader(dataset: Dataset, indices: Sequence[int] | None, batch_size: int, num_workers: int) -> DataLoader:
+def _loader(dataset: Dataset, indices: Sequence[int] | None, batch_size: int, num_workers: int,
+            batches: Sequence[Sequence[int]] | None = None) -> DataLoader:
+    """Bags of ``dataset`` (``indices`` in order, or None = all) in batches of ``batch_size``; or, when
+    ``batches`` is given, exactly those batches of dataset indices."""
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=[list(map(int, b)) for b in batches], collate_fn=_identity,
+                          num_workers=num_workers)
     subset = dataset if indices is None else Subset(dataset, list(map(int, indices)))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=_identity, num_workers=num_workers)
+
+
+def bag_lengths(dataset: Dataset) -> np.ndarray:
+    """Instances per bag: ``dataset.n_instances`` when the dataset has it (no feature loading), else ``len(bag)``."""
+    sizes = getattr(dataset, "n_instances", None)
+    if sizes is None:
+        sizes = [len(dataset[i]) for i in range(len(dataset))]
+    return np.asarray(sizes, dtype=np.int64)
+
+
+def length_grouped_batches(order: Sequence[int], lengths: np.ndarray, batch_size: int,
+                           generator: torch.Generator, pool: int = 8) -> list[np.ndarray]:
+    """``order`` (shuffled dataset indices) cut into pools of ``pool * batch_size``, each pool sorted by
+    ``lengths`` (stable) and cut into batches of ``batch_size``; the batches come back in an order drawn from
+    ``generator``. Every index appears exactly once."""
+    order = np.asarray(order, dtype=np.int64)
+    if batch_size < 1 or pool < 1:
+        raise ValueError(f"length_grouped_batches: batch_size and pool must be >= 1, got {batch_size}, {pool}")
+    batches: list[np.ndarray] = []
+    size = pool * batch_size
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    permutation = torch.randperm(len(batches), generator=generator).numpy()
+    return [batches[i] for i in permutation]
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -136,19 +173,24 @@ def evaluate(
     amp: bool = False,
     with_attention: bool = True,
     num_workers: int = 0,
+    group_by_length: bool = False,
 ) -> EvalResult:
     """Score ``model`` on every bag of ``dataset`` in eval mode.
 
     The loss is the task loss over the whole split at once (identical to the per-slide mean for cross-entropy and
     NLL; the Cox loss needs the whole risk set), auxiliary losses excluded. Returns metrics, a predictions DataFrame
     (``slide_id, split,`` target columns, prediction columns) and, if asked, attention ``{slide_id: [heads, N]}``.
+    ``group_by_length``: batch the bags in length order (less padding); results still come in dataset order.
     """
     device = resolve_device(str(device)) if isinstance(device, str) else device
     was_training = model.training
     model.eval()
     logits_all, targets_all, ids_all = [], [], []
     attention: dict[str, np.ndarray] = {}
-    for bags in _loader(dataset, None, batch_size, num_workers):
+    order = np.arange(len(dataset))
+    if group_by_length and batch_size > 1:
+        order = np.argsort(bag_lengths(dataset), kind="stable")
+    for bags in _loader(dataset, order, batch_size, num_workers):
         batch = _to_batch(bags, device)
         targets = task.make_targets(batch["raw_targets"], batch["slide_ids"])
         with _autocast(device, amp):
@@ -162,8 +204,10 @@ def evaluate(
                 real = slice(None) if batch["mask"] is None else batch["mask"][row].cpu().numpy()
                 attention[slide_id] = att[row][:, real]
     model.train(was_training)
-    logits = torch.cat(logits_all)
-    targets = torch.cat(targets_all)
+    restore = np.argsort(order, kind="stable")  # back to dataset order
+    logits, targets = torch.cat(logits_all)[restore], torch.cat(targets_all)[restore]
+    ids_all = [ids_all[i] for i in restore]
+    attention = {slide_id: attention[slide_id] for slide_id in ids_all if slide_id in attention}
     loss = float(task.loss(logits, targets)) if len(logits) else float("nan")
     predictions = task.predict(logits)
     metrics = task.metrics(predictions, targets)
@@ -229,6 +273,7 @@ class BagStep:
             if not isinstance(self.task, ClassificationTask):
                 raise ValueError("TrainConfig.oversample applies to classification/grading tasks only")
             self.indices = oversample_indices(self.task.make_targets(train_raw).numpy(), config.oversample, config.seed)
+        self.lengths = bag_lengths(train_ds) if config.group_by_length and config.batch_size > 1 else None
         self.steps_per_epoch = math.ceil(len(self.indices) / config.batch_size)
         self.model = model.to(self.device)
         self.ema_decay = None
@@ -239,8 +284,12 @@ class BagStep:
 
     def batches(self, state: LoopState):
         cfg = self.config
-        order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + state.epoch))
-        for bags in _loader(self.datasets["train"], self.indices[order.numpy()], cfg.batch_size, cfg.num_workers):
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + state.epoch)
+        order = self.indices[torch.randperm(len(self.indices), generator=generator).numpy()]
+        grouped = None
+        if cfg.group_by_length and cfg.batch_size > 1:
+            grouped = length_grouped_batches(order, self.lengths, cfg.batch_size, generator)
+        for bags in _loader(self.datasets["train"], order, cfg.batch_size, cfg.num_workers, grouped):
             yield _to_batch(bags, self.device)
 
     def loss(self, batch: dict[str, Any], state: LoopState) -> StepLoss:
@@ -259,7 +308,7 @@ class BagStep:
             return None
         cfg = self.config
         return evaluate(model, self.task, dataset, split, self.device, cfg.eval_batch_size,
-                        cfg.amp and self.device.type == "cuda", with_attention, cfg.num_workers)
+                        cfg.amp and self.device.type == "cuda", with_attention, cfg.num_workers, cfg.group_by_length)
 
     def snapshot(self, model: nn.Module) -> dict[str, np.ndarray]:
         return attention_of(model, self.snapshot_bags, self.device)

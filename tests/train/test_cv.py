@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from milstudy.train.cv import aggregate_runs, cross_validate, kfold_splits
@@ -75,3 +76,40 @@ def test_bootstrap_fast_path_equals_frame_metric_path():
         assert np.isclose(summary.loc[name, "boot_mean"], reference.mean, atol=1e-12)
         assert np.isclose(summary.loc[name, "boot_std"], reference.std, atol=1e-12)
     assert reference.n_skipped > 0  # the AUC case exercised undefined resamples
+
+
+def test_model_grid_in_worker_processes_equals_the_serial_grid():
+    """workers=2 runs each model in a spawned process (one thread); the numbers must not change."""
+    import torch
+
+    from milstudy.parallel import process_map
+    from milstudy.train.cv import run_model_grid
+
+    bags = toy_bags(20, 3, "g")
+    config = TrainConfig(epochs=2, lr=1e-2, warmup_epochs=0, quiet=True, batch_size=4, group_by_length=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kwargs = dict(k=2, seeds=(0,), config=config, n_bootstrap=20, bootstrap_metrics=["auc"], progress=False)
+        serial = run_model_grid(["mean_pooling", "abmil"], ClassificationTask(2), bags, **kwargs)
+        parallel = run_model_grid(["mean_pooling", "abmil"], ClassificationTask(2), bags, workers=2, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    strip = lambda grid: grid.runs[~grid.runs["metric"].str.contains("wall_time")].reset_index(drop=True)
+    assert len(strip(serial)) > 0 and strip(serial).equals(strip(parallel))
+    assert serial.summary.drop(columns=[c for c in serial.summary if "wall" in c]).equals(
+        parallel.summary.drop(columns=[c for c in parallel.summary if "wall" in c]))
+    with pytest.raises(ValueError, match="workers"):
+        process_map(len, [[1]], workers=0)
+
+
+def test_fold_units_pair_the_same_fold_of_the_same_repeat():
+    from milstudy.train.cv import ModelGrid
+
+    runs = pd.DataFrame({"model": ["a", "a", "b", "b", "a"], "seed": [0, 1, 0, 1, 0], "fold": [2, 2, 2, 2, 3],
+                         "metric": ["test_accuracy"] * 4 + ["val_accuracy"], "value": [0.5, 0.6, 0.7, 0.8, 0.9]})
+    units = ModelGrid({}, runs, pd.DataFrame()).fold_units("accuracy", prefix="musk1: ")
+    assert units.to_dict("list") == {"method": ["musk1: a", "musk1: a", "musk1: b", "musk1: b"],
+                                     "seed": [2, 1002, 2, 1002], "accuracy": [0.5, 0.6, 0.7, 0.8]}
+    with pytest.raises(ValueError, match="no test_auc.*accuracy"):
+        ModelGrid({}, runs, pd.DataFrame()).fold_units("auc")
