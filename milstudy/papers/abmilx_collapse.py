@@ -81,6 +81,28 @@ def _witness_mass(attention: Mapping[str, np.ndarray], slides: Sequence) -> floa
     return float(np.mean(masses)) if masses else float("nan")
 
 
+def _collapse_run(job: dict, data: Mapping[str, list]) -> dict:
+    """One (witness rate, s, aggregator, seed) run of ``collapse_grid``; in a worker process or in-line."""
+    from milstudy.train.e2e import train_e2e
+    from milstudy.train.tasks import ClassificationTask
+
+    config = job["config"]
+    start = time.perf_counter()
+    result = train_e2e(data, ClassificationTask(2), config)
+    auc = float(result.test_metrics["auc"])
+    positives = [sl for sl in data["train"] if sl.target]
+    return {
+        "aggregator": job["name"], "witness_rate": job["witness_rate"],
+        "n_tumour": int(np.median([sl.instance_labels.sum() for sl in positives])), "s": config.s,
+        "seed": config.seed, "test_auc": auc, "val_auc": float(result.val_metrics.get("auc", np.nan)),
+        "best_epoch": result.best_epoch, "collapsed": bool(auc < job["chance_auc"]),
+        "witness_mass": _witness_mass(result.attention, data["test"]),
+        "p_no_witness": float(np.mean([p_no_witness_without_replacement(sl.n_main, int(sl.instance_labels.sum()),
+                                                                        config.s) for sl in positives])),
+        "wall_time_s": time.perf_counter() - start,
+    }
+
+
 def collapse_grid(
     configs: Mapping[str, "E2EConfig"],  # noqa: F821 (milstudy.train.e2e.E2EConfig, imported lazily)
     witness_rates: Sequence[float],
@@ -89,6 +111,7 @@ def collapse_grid(
     cohort: PhaseCohort | SvecPhaseCohort = PhaseCohort(),
     chance_auc: float = 0.6,
     progress: bool = True,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Train every named config over witness rate x s x seed with random (single-scale) sampling.
 
@@ -96,37 +119,20 @@ def collapse_grid(
     ``seed``, ``test_auc``, ``val_auc``, ``best_epoch``, ``collapsed`` (test AUC < ``chance_auc``),
     ``witness_mass`` (attention on tumour patches of positive test slides; uniform attention gives the tumour
     share), ``p_no_witness`` (P0 for one positive slide and step, mean over positive training slides) and
-    ``wall_time_s``. Selection is on validation only.
+    ``wall_time_s``. Selection is on validation only. ``workers`` > 1: the runs of each witness rate train in
+    spawned processes of one torch thread each (``milstudy.parallel.process_map``; the numbers do not change).
     """
-    from tqdm.auto import tqdm
-
-    from milstudy.train.e2e import train_e2e
-    from milstudy.train.tasks import ClassificationTask
+    from milstudy.parallel import process_map
 
     if not 0.5 <= chance_auc <= 1.0:
         raise ValueError(f"chance_auc must be in [0.5, 1], got {chance_auc}")
-    jobs = [(w, s, name, seed) for w in witness_rates for s in s_values for name in configs for seed in seeds]
-    rows, data_for = [], {}
-    for w, s, name, seed in tqdm(jobs, desc="collapse grid", disable=not progress):
-        if w not in data_for:
-            data_for[w] = phase_splits(w, cohort)
-        data = data_for[w]
-        positives = [sl for sl in data["train"] if sl.target]
-        n_tumour = int(np.median([sl.instance_labels.sum() for sl in positives]))
-        p_no_witness = float(np.mean([p_no_witness_without_replacement(sl.n_main, int(sl.instance_labels.sum()),
-                                                                       int(s)) for sl in positives]))
-        config = replace(configs[name], sampler="random", s=int(s), seed=int(seed))
-        start = time.perf_counter()
-        result = train_e2e(data, ClassificationTask(2), config)
-        auc = float(result.test_metrics["auc"])
-        rows.append({
-            "aggregator": name, "witness_rate": float(w), "n_tumour": n_tumour, "s": int(s), "seed": int(seed),
-            "test_auc": auc, "val_auc": float(result.val_metrics.get("auc", np.nan)),
-            "best_epoch": result.best_epoch, "collapsed": bool(auc < chance_auc),
-            "witness_mass": _witness_mass(result.attention, data["test"]),
-            "p_no_witness": p_no_witness,
-            "wall_time_s": time.perf_counter() - start,
-        })
+    rows = []
+    for w in witness_rates:
+        jobs = [{"name": name, "witness_rate": float(w), "chance_auc": chance_auc,
+                 "config": replace(configs[name], sampler="random", s=int(s), seed=int(seed))}
+                for s in s_values for name in configs for seed in seeds]
+        rows += process_map(_collapse_run, jobs, workers, progress, f"collapse grid, w = {w:g}",
+                            shared=phase_splits(w, cohort))
     return pd.DataFrame(rows)
 
 

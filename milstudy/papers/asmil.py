@@ -104,7 +104,7 @@ def variant_spec(name: str, small: bool = False, overrides: Mapping[str, Mapping
     return registry, kwargs
 
 
-def _one_run(job: dict[str, Any]) -> dict[str, Any]:
+def _one_run(job: dict[str, Any], data: AsmilData) -> dict[str, Any]:
     """Train one (variant, seed) and return its tidy frames (runs in a worker process or in-line)."""
     import time
 
@@ -114,7 +114,6 @@ def _one_run(job: dict[str, Any]) -> dict[str, Any]:
     from milstudy.train.optim import seed_everything
     from milstudy.train.two_stage import train_two_stage
 
-    data: AsmilData = job["data"]
     name, seed = job["variant"], job["seed"]
     registry, kwargs = job["spec"]
     seed_everything(seed)
@@ -203,9 +202,9 @@ def run_dynamics(data: AsmilData, variants: Sequence[str], seeds: Sequence[int],
     the first ``n_tracked`` test slides are snapshotted every epoch. ``workers``: processes (one thread each)."""
     tracked = [b.slide_id for b in data.bags["test"][:n_tracked]]
     config = replace(config, snapshot_slides=tracked, quiet=True)
-    jobs = [{"data": data, "variant": v, "seed": int(s), "spec": variant_spec(v, small, overrides),
+    jobs = [{"variant": v, "seed": int(s), "spec": variant_spec(v, small, overrides),
              "config": config} for v in variants for s in seeds]
-    results = process_map(_one_run, jobs, workers, progress)
+    results = process_map(_one_run, jobs, workers, progress, shared=data)
     return Dynamics(pd.DataFrame([r["run"] for r in results]),
                     pd.concat([r["predictions"] for r in results], ignore_index=True),
                     pd.concat([r["stability"] for r in results], ignore_index=True),

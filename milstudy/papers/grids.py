@@ -4,13 +4,38 @@ summaries (mean ± sample sd over seeds, ddof=1). Intervals and verdicts are ``m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
 if TYPE_CHECKING:
     from milstudy.train.e2e import E2EConfig
+
+
+@dataclass
+class RunCache:
+    """Finished E2E runs by (config, seed), shared between ``run_grid`` calls of one notebook: a run that an earlier
+    grid trained (the same config and seed; training is deterministic given the config) is copied, not retrained."""
+
+    rows: dict[str, dict] = field(default_factory=dict)
+    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # the run name a config was first trained under
+
+
+def _train_one(config: "E2EConfig", shared: tuple) -> tuple[dict, pd.DataFrame]:
+    """One E2E run -> (its row without the run name, its test predictions); in a worker process or in-line."""
+    from milstudy.train.e2e import train_e2e
+
+    data, task, callbacks = shared
+    result = train_e2e(data, task, config, callbacks)
+    row = {"seed": config.seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
+           "wall_time_s": result.wall_time, "train_time_s": result.train_time, "skipped": result.n_skipped}
+    row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
+    row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
+    test = result.predictions
+    test = test[test["split"] == "test"] if "split" in test else test.iloc[0:0]
+    return row, test
 
 
 def run_grid(
@@ -21,6 +46,8 @@ def run_grid(
     callbacks: Sequence[Callable] = (),
     progress: bool = True,
     return_predictions: bool = False,
+    workers: int = 1,
+    cache: RunCache | None = None,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Train every named config for every seed; one row per run with test/val metrics, epochs and wall time.
 
@@ -30,33 +57,32 @@ def run_grid(
 
     Names whose configs are identical (e.g. the default setting of every Table 7 ablation) are trained once per seed
     (training is deterministic given the config); the later rows copy the first one's and name it in ``same_as``.
+    ``cache`` extends that to runs of earlier ``run_grid`` calls. ``workers`` > 1: the runs train in spawned
+    processes of one torch thread each (``milstudy.parallel.process_map``); the numbers do not change. Callbacks
+    collect state in this process, so they need ``workers=1`` and are never served from the cache.
     """
-    from tqdm.auto import tqdm
+    from milstudy.parallel import process_map
 
-    from milstudy.train.e2e import train_e2e
-
+    if callbacks and workers > 1:
+        raise ValueError("run_grid: callbacks collect their state in this process; use workers=1 with callbacks")
+    cache = RunCache() if cache is None or callbacks else cache
+    keyed = [(name, int(seed), replace(configs[name], seed=int(seed))) for name in configs for seed in seeds]
+    key_of = (lambda name, config: f"{name}|{config!r}") if callbacks else (lambda name, config: repr(config))
+    todo: dict[str, "E2EConfig"] = {}
+    for name, _, config in keyed:
+        key = key_of(name, config)
+        if key not in cache.rows and key not in todo:
+            todo[key] = config
+    trained = process_map(_train_one, list(todo.values()), workers, progress, "E2E runs",
+                          shared=(data, task, tuple(callbacks)))
+    for key, (row, test) in zip(todo, trained):
+        cache.rows[key], cache.predictions[key] = row, test
     rows, predictions = [], []
-    done: dict[str, dict] = {}
-    done_predictions: dict[str, pd.DataFrame] = {}
-    jobs = [(name, seed) for name in configs for seed in seeds]
-    for name, seed in tqdm(jobs, desc="E2E runs", disable=not progress):
-        config = replace(configs[name], seed=int(seed))
-        key = repr(config)
-        if key in done and not callbacks:
-            rows.append({**done[key], "run": name, "same_as": done[key]["run"]})
-            predictions.append(done_predictions[key].assign(method=name))
-            continue
-        result = train_e2e(data, task, config, callbacks)
-        row = {"run": name, "seed": seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
-               "wall_time_s": result.wall_time, "train_time_s": result.train_time, "skipped": result.n_skipped}
-        row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
-        row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
-        rows.append(row)
-        done[key] = row
-        test = result.predictions
-        test = test[test["split"] == "test"] if "split" in test else test.iloc[0:0]
-        done_predictions[key] = test.assign(method=name, seed=seed)
-        predictions.append(done_predictions[key])
+    for name, seed, config in keyed:
+        key = key_of(name, config)
+        first = cache.names.setdefault(key, name)
+        rows.append({"run": name, **cache.rows[key], **({"same_as": first} if first != name else {})})
+        predictions.append(cache.predictions[key].assign(method=name, seed=seed))
     frame = pd.DataFrame(rows)
     if "same_as" in frame:
         frame["same_as"] = frame["same_as"].fillna("")

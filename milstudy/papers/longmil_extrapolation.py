@@ -181,18 +181,48 @@ def _scores(frame: pd.DataFrame) -> dict[str, float]:
     return {"auc": float(auc), "f1_macro": M.f1(y, frame["prediction"].to_numpy(), "macro")}
 
 
-def run_extrapolation(cohort: MotifCohort, split: Mapping[str, np.ndarray],
-                      methods: Mapping[str, tuple[str, Mapping[str, Any]]], seeds: Sequence[int], config: Any,
-                      n_test_buckets: int = 2, progress: bool = True) -> ExtrapolationResult:
-    """Train every method for every seed on ``split["train"]`` (selection on ``split["val"]`` only, ``config``:
-    a :class:`milstudy.train.two_stage.TrainConfig`), then score the held-out, middle and test bags."""
-    from tqdm.auto import tqdm
-
-    from milstudy.data.bags import BagListDataset
+def _extrapolation_run(job: Mapping[str, Any], shared: Mapping[str, Any]) -> tuple[dict[str, Any], list]:
+    """Train one (method, seed) of ``run_extrapolation`` and score every split; in a worker process or in-line."""
     from milstudy.models import build_model
     from milstudy.train.loop import seed_everything
     from milstudy.train.tasks import ClassificationTask
     from milstudy.train.two_stage import evaluate, train_two_stage
+
+    name, seed, zoo_name, kwargs, config = job["name"], job["seed"], job["zoo_name"], job["kwargs"], job["config"]
+    sets, cohort = shared["sets"], shared["cohort"]
+    seed_everything(seed)
+    model = build_model(zoo_name, shared["in_dim"], 2, **kwargs)
+    start = time.perf_counter()
+    fit = train_two_stage(model, ClassificationTask(2), sets["train"], sets["val"], None, replace(config, seed=seed))
+    row: dict[str, Any] = {"method": name, "seed": seed, "best_epoch": fit.best_epoch,
+                           "val_auc": float(fit.val_metrics.get("auc", np.nan))}
+    frames = []
+    for part in SPLIT_ORDER:
+        if part not in sets:
+            continue
+        scored = evaluate(model, ClassificationTask(2), sets[part], part, config.device,
+                          with_attention=False).predictions
+        scored = scored.assign(method=name, seed=seed, bucket=scored["slide_id"].map(shared["buckets"]),
+                               n_instances=scored["slide_id"].map(shared["n_of"]))
+        frames.append(scored)
+        row.update({f"{part}_{k}": v for k, v in _scores(scored).items()})
+    if zoo_name == "abs_pe_mil":  # share of test tiles whose position lies beyond the table (clamped)
+        row["clamped_share"] = float(np.mean([
+            (cohort.bags[i].coords // STRIDE >= kwargs["max_position"]).any(1).float().mean()
+            for i in shared["split"]["test"]]))
+    row["wall_time_s"] = time.perf_counter() - start
+    return row, frames
+
+
+def run_extrapolation(cohort: MotifCohort, split: Mapping[str, np.ndarray],
+                      methods: Mapping[str, tuple[str, Mapping[str, Any]]], seeds: Sequence[int], config: Any,
+                      n_test_buckets: int = 2, progress: bool = True, workers: int = 1) -> ExtrapolationResult:
+    """Train every method for every seed on ``split["train"]`` (selection on ``split["val"]`` only, ``config``:
+    a :class:`milstudy.train.two_stage.TrainConfig`), then score the held-out, middle and test bags. ``workers``
+    > 1: the runs train in spawned processes of one torch thread each (``milstudy.parallel.process_map``; the
+    numbers do not change)."""
+    from milstudy.data.bags import BagListDataset
+    from milstudy.parallel import process_map
 
     missing = [k for k in ("train", "val", "test") if k not in split or not len(split[k])]
     if missing:
@@ -203,39 +233,21 @@ def run_extrapolation(cohort: MotifCohort, split: Mapping[str, np.ndarray],
     overlap = set(sets["train"].slide_ids) & set(sets["test"].slide_ids)
     if overlap:
         raise ValueError(f"split: test slides {sorted(overlap)[:3]} are also training slides")
-    buckets = _bucket_names(cohort, split, n_test_buckets)
-    n_of = dict(zip(cohort.table["slide_id"], cohort.table["n_instances"]))
     table_size = grid_extent(cohort, split["train"])
-    in_dim = int(cohort.bags[0].features.shape[1])
-    frames, rows = [], []
-    jobs = [(name, seed) for name in methods for seed in seeds]
-    for name, seed in tqdm(jobs, desc="extrapolation runs", disable=not progress):
+    shared = {"cohort": cohort, "split": dict(split), "sets": sets, "in_dim": int(cohort.bags[0].features.shape[1]),
+              "buckets": _bucket_names(cohort, split, n_test_buckets),
+              "n_of": dict(zip(cohort.table["slide_id"], cohort.table["n_instances"]))}
+    jobs = []
+    for name in methods:
         zoo_name, kwargs = methods[name]
         kwargs = dict(kwargs)
         if zoo_name == "abs_pe_mil":
             kwargs.setdefault("max_position", table_size)
-        seed_everything(int(seed))
-        model = build_model(zoo_name, in_dim, 2, **kwargs)
-        start = time.perf_counter()
-        fit = train_two_stage(model, ClassificationTask(2), sets["train"], sets["val"], None,
-                              replace(config, seed=int(seed)))
-        row: dict[str, Any] = {"method": name, "seed": int(seed), "best_epoch": fit.best_epoch,
-                               "val_auc": float(fit.val_metrics.get("auc", np.nan))}
-        for part in SPLIT_ORDER:
-            if part not in sets:
-                continue
-            scored = evaluate(model, ClassificationTask(2), sets[part], part, config.device,
-                              with_attention=False).predictions
-            scored = scored.assign(method=name, seed=int(seed), bucket=scored["slide_id"].map(buckets),
-                                   n_instances=scored["slide_id"].map(n_of))
-            frames.append(scored)
-            row.update({f"{part}_{k}": v for k, v in _scores(scored).items()})
-        if zoo_name == "abs_pe_mil":  # share of test tiles whose position lies beyond the table (clamped)
-            row["clamped_share"] = float(np.mean([
-                (cohort.bags[i].coords // STRIDE >= kwargs["max_position"]).any(1).float().mean()
-                for i in split["test"]]))
-        row["wall_time_s"] = time.perf_counter() - start
-        rows.append(row)
+        jobs += [{"name": name, "seed": int(seed), "zoo_name": zoo_name, "kwargs": kwargs, "config": config}
+                 for seed in seeds]
+    done = process_map(_extrapolation_run, jobs, workers, progress, "extrapolation runs", shared=shared)
+    rows = [row for row, _ in done]
+    frames = [frame for _, run_frames in done for frame in run_frames]
     per_seed = pd.DataFrame(rows)
     if "heldout_auc" in per_seed:
         per_seed["auc_drop"] = per_seed["heldout_auc"] - per_seed["test_auc"]

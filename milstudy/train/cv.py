@@ -257,13 +257,13 @@ class ModelGrid:
                              metric: runs["value"].to_numpy()}).reset_index(drop=True)
 
 
-def _grid_job(job: dict[str, Any]) -> CVResult:
+def _grid_job(job: dict[str, Any], bags: list) -> CVResult:
     """Cross-validate one registered model (a ``run_model_grid`` job; runs in a worker process or in-line)."""
     from milstudy.models.base import build_model
 
     name, kwargs, in_dim, task = job["name"], job["kwargs"], job["in_dim"], job["task"]
     return cross_validate(
-        lambda: build_model(name, in_dim, task.n_out, **kwargs), task, job["bags"], job["k"], job["seeds"],
+        lambda: build_model(name, in_dim, task.n_out, **kwargs), task, bags, job["k"], job["seeds"],
         job["config"], job["val_fraction"], job["preprocess"], job["n_bootstrap"], job["progress"], desc=name,
         bootstrap_metrics=job["bootstrap_metrics"],
     )
@@ -297,11 +297,10 @@ def run_model_grid(
     in_dim = int(bags[0].features.shape[-1])
     model_kwargs = model_kwargs or {}
     bags = [bags[i] for i in range(len(bags))]
-    jobs = [{"name": name, "kwargs": dict(model_kwargs.get(name, {})), "in_dim": in_dim, "task": task, "bags": bags,
-             "k": k, "seeds": list(seeds), "config": config, "val_fraction": val_fraction, "preprocess": preprocess,
+    jobs = [{"name": name, "kwargs": dict(model_kwargs.get(name, {})), "in_dim": in_dim, "task": task, "k": k, "seeds": list(seeds), "config": config, "val_fraction": val_fraction, "preprocess": preprocess,
              "n_bootstrap": n_bootstrap, "progress": progress and workers == 1,
              "bootstrap_metrics": bootstrap_metrics} for name in model_names]
-    results = dict(zip(model_names, process_map(_grid_job, jobs, workers, progress, desc="models")))
+    results = dict(zip(model_names, process_map(_grid_job, jobs, workers, progress, "models", shared=bags)))
     tidy = []
     for name, result in results.items():
         metric_cols = [c for c in result.runs.columns if c.startswith(("test_", "val_"))]

@@ -130,6 +130,38 @@ def test_run_grid_trains_identical_configs_once(monkeypatch):
     assert set(frame.loc[frame.run == "b", "same_as"]) == {"a"}
 
 
+def test_run_grid_cache_and_worker_processes_give_the_serial_numbers(monkeypatch):
+    """A RunCache serves a later grid's identical (config, seed) runs; workers=2 (spawned, one thread each) gives
+    the numbers of the serial grid; callbacks refuse workers."""
+    from milstudy.papers import grids
+
+    slides = make_toy_slides(6)
+    data = {"train": slides[:4], "val": slides[4:5], "test": slides[5:]}
+    base = _config(epochs=1, aggregator="abmil")  # a registered model: spawned workers do not see test registrations
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial, serial_pred = grids.run_grid({"a": base, "c": replace(base, s=8)}, data, ClassificationTask(2),
+                                             seeds=[0, 1], progress=False, return_predictions=True)
+        cache = grids.RunCache()
+        first = grids.run_grid({"a": base}, data, ClassificationTask(2), seeds=[0, 1], progress=False, cache=cache)
+        parallel, parallel_pred = grids.run_grid({"again": base, "c": replace(base, s=8)}, data,
+                                                 ClassificationTask(2), seeds=[0, 1], progress=False,
+                                                 return_predictions=True, workers=2, cache=cache)
+    finally:
+        torch.set_num_threads(threads)
+    timing = ["wall_time_s", "train_time_s", "run", "same_as"]
+    assert first.drop(columns=timing, errors="ignore").equals(
+        serial[serial.run == "a"].drop(columns=timing, errors="ignore").reset_index(drop=True))
+    assert list(parallel["same_as"]) == ["a", "a", "", ""]  # served from the first grid's runs
+    numbers = lambda frame: frame.drop(columns=timing, errors="ignore").reset_index(drop=True)
+    assert numbers(parallel).equals(numbers(serial))
+    columns = [c for c in serial_pred.columns if c != "method"]
+    assert parallel_pred[columns].equals(serial_pred[columns])
+    with pytest.raises(ValueError, match="callbacks"):
+        grids.run_grid({"a": base}, data, ClassificationTask(2), seeds=[0], callbacks=[print], workers=2)
+
+
 def test_profile_aggregator_sizes():
     from milstudy.papers.abmilx import aggregator_kwargs
 

@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 
 import numpy as np
 import pandas as pd
+import torch
 import pytest
 
 from milstudy.analysis.collapse import summarize_collapse
@@ -75,6 +76,14 @@ def test_collapse_grid_rows_and_exact_bookkeeping():
     mean_rows = frame[frame["aggregator"] == "Mean pooling"]
     np.testing.assert_allclose(mean_rows["witness_mass"], 4 / 16)  # uniform weights: mass = witness share
     assert frame.loc[frame["s"] == 16, "p_no_witness"].eq(0.0).all()  # s = N sees every patch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the spawned workers run one thread each; compare at the same setting
+    try:
+        serial = collapse_grid(configs, [0.25], [4, 16], [0], cohort, progress=False)
+        parallel = collapse_grid(configs, [0.25], [4, 16], [0], cohort, progress=False, workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    pd.testing.assert_frame_equal(serial.drop(columns="wall_time_s"), parallel.drop(columns="wall_time_s"))
     with pytest.raises(ValueError, match="chance_auc"):
         collapse_grid(configs, [0.25], [4], [0], cohort, chance_auc=0.4, progress=False)
 

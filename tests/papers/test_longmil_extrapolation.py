@@ -86,6 +86,26 @@ def test_study_returns_one_prediction_per_method_seed_and_scored_slide(tiny):
                                result.per_seed["heldout_auc"] - result.per_seed["test_auc"])
 
 
+def test_study_in_worker_processes_gives_the_serial_numbers():
+    import torch
+
+    cohort = motif_cohort(MotifWorld(n_bags=24, length_knots=((0.0, 100), (0.6, 200), (1.0, 400))))
+    split = le.length_extrapolation_split(cohort.lengths, val_share=0.2, heldout_share=0.2,
+                                          labels=cohort.table["target"].to_numpy())
+    methods = le.study_methods(le.StudyDesign(width=16), ["ABMIL", "Abs. PE"])
+    config = TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0, device="cpu", quiet=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = le.run_extrapolation(cohort, split, methods, [0], config, progress=False)
+        parallel = le.run_extrapolation(cohort, split, methods, [0], config, progress=False, workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    pd.testing.assert_frame_equal(serial.predictions, parallel.predictions)
+    pd.testing.assert_frame_equal(serial.per_seed.drop(columns="wall_time_s"),
+                                  parallel.per_seed.drop(columns="wall_time_s"))
+
+
 def test_absolute_pe_table_covers_the_training_grids_and_test_positions_clamp(tiny):
     cohort, result = tiny
     extent = le.grid_extent(cohort, result.split["train"])
