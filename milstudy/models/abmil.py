@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from milstudy.models.attention_normalization import AttentionNormalization
 from milstudy.models.base import MILModel, MILOutput, register_model, register_preset
 from milstudy.models.layers import check_bag_input, masked_softmax, pad_attention_logits
 
@@ -45,7 +46,9 @@ class ABMIL(MILModel):
     """ABMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention ``[B,1,N]``.
 
     ``attention_logits`` ``[B,1,N]``: the scores of Eq. 8 / 9 before the softmax (``PAD_LOGIT`` on padding).
-    extras: ``bag_embedding`` ``[B,L]``.
+    ``attention_normalization``: ``"softmax"`` (the paper), or ASMIL's S7 alternatives ``"nsf"`` / ``"mixture"``
+    (``milstudy.models.attention_normalization``; the logits are then the transformed scores, and
+    ``extras["attention_scores"]`` the scorer's own output). extras: ``bag_embedding`` ``[B,L]``.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class ABMIL(MILModel):
         dropout: float = 0.0,
         input_norm: bool = False,
         output_norm: bool = False,
+        attention_normalization: str = "softmax",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -71,6 +75,7 @@ class ABMIL(MILModel):
             nn.Dropout(dropout),
         )
         self.scorer = AttentionScorer(hidden_dim, attention_dim, gated=gated)
+        self.normalization = AttentionNormalization(attention_normalization)
         self.out_norm = nn.LayerNorm(hidden_dim) if output_norm else nn.Identity()
         self.classifier = nn.Linear(hidden_dim, n_out)
 
@@ -80,11 +85,15 @@ class ABMIL(MILModel):
         """x ``[B,N,D]`` -> MILOutput (coords unused)."""
         mask = check_bag_input(x, self.in_dim, mask, "ABMIL")
         h = self.embed(x)  # [B,N,L]
-        scores = pad_attention_logits(self.scorer(h).unsqueeze(1), mask)  # [B,1,N]
+        raw = pad_attention_logits(self.scorer(h).unsqueeze(1), mask)  # [B,1,N]
+        scores = raw if self.normalization.kind == "softmax" else pad_attention_logits(self.normalization(raw, mask), mask)
         weights = masked_softmax(scores, mask)  # [B,1,N]
         bag = torch.einsum("bhn,bnl->bl", weights, h)  # Eq. 7: [B,L]
         logits = self.classifier(self.out_norm(bag))
-        return MILOutput(logits, weights, attention_logits=scores, extras={"bag_embedding": bag})
+        extras = {"bag_embedding": bag}
+        if scores is not raw:  # the scorer's own output, for an anchor target that normalises the scores itself
+            extras["attention_scores"] = raw
+        return MILOutput(logits, weights, attention_logits=scores, extras=extras)
 
 
 @register_model("abmil")

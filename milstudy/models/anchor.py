@@ -15,7 +15,8 @@ reconstructed in the spec; the extracted text lost them).
 - Cost: this first version runs the **whole** anchor copy (not only the modules producing the attention logits,
   spec §2.3 ideal); trimming per model is future work. At eval the wrapper returns the online output unchanged.
 - Objective (Eq. 9): ``aux_losses["anchor_kl"] = λ · R[KL(ã ‖ a)]`` in training only, with ``a`` the masked
-  softmax of the online ``attention_logits [B,H,N]`` and ``ã`` the target from the anchor logits:
+  softmax of the online ``attention_logits [B,H,N]`` and ``ã`` the target from the anchor logits (its
+  ``extras["attention_scores"]`` when the model normalises its attention otherwise than by a softmax online):
   ``"nsf"`` NSF_T (Eq. 5, §2.4), ``"softmax"`` softmax(s̃/T), ``"entmax"`` α-entmax (the ``entmax``
   package). The reduction R is ``"per_distribution"`` (mean over bags and heads of Σ_i, our default) or
   ``"upstream"`` (each distribution weighted 1/N_b, the released 1/N scaling). ``kl_tokens="kept"`` restricts the
@@ -174,11 +175,15 @@ class AnchoredMIL(MILModel):
 
     @torch.no_grad()
     def anchor_logits(self, x: torch.Tensor, coords: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """The anchor's ``attention_logits [B,H,N]`` (eval mode, no grad)."""
+        """The anchor's attention scores ``[B,H,N]`` (eval mode, no grad) that the target normalises: its
+        ``extras["attention_scores"]`` where the model normalises its own attention otherwise than by a softmax
+        (NSF or the Eq. 34 mixture online, ``milstudy.models.attention_normalization``), else its
+        ``attention_logits``."""
         out = self.anchor(x, coords=coords, mask=mask)
-        if out.attention_logits is None:
+        scores = out.extras.get("attention_scores", out.attention_logits)
+        if scores is None:
             raise ValueError(f"AnchoredMIL: the anchor ({type(self.anchor).__name__}) returns no attention_logits")
-        return out.attention_logits
+        return scores
 
     def target(self, x: torch.Tensor, coords: torch.Tensor | None, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The KL target ``ã [B,H,N]`` (detached, 0 on padding) for the configured mode and target kind."""

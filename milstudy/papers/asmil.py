@@ -36,6 +36,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ABMIL + uniform target": ("abmil_anchor_nsf", {"anchor_mode": "uniform_target"}),
     "ABMIL + frozen random anchor": ("abmil_anchor_nsf", {"anchor_mode": "frozen_random"}),
     "ABMIL + per-epoch anchor + NSF": ("abmil_anchor_nsf", {"anchor_update": "epoch"}),
+    # S7, alternatives to NSF (App. F, G): an entmax-1.5 anchor target; NSF also in the online model; the online
+    # softmax/NSF mixture of Eq. 34 with a learnt alpha (reported as ``mixture_alpha``). The anchor's NSF target
+    # normalises its raw scores in both online variants (``AnchoredMIL.anchor_logits``).
+    "ABMIL + entmax-1.5 anchor": ("abmil_anchor", {"anchor_target": "entmax", "entmax_alpha": 1.5}),
+    "ABMIL + anchor + NSF, NSF online": ("abmil_anchor_nsf", {"attention_normalization": "nsf"}),
+    "ABMIL + anchor + NSF, mixture online (Eq. 34)": ("abmil_anchor_nsf", {"attention_normalization": "mixture"}),
     "ABMIL + anchor + NSF (1/N KL)": ("abmil_anchor_nsf", {"kl_reduction": "upstream"}),
     "ABMIL + uniform target (1/N KL)": ("abmil_anchor_nsf", {"anchor_mode": "uniform_target",
                                                             "kl_reduction": "upstream"}),
@@ -133,6 +139,9 @@ def _one_run(job: dict[str, Any], data: AsmilData) -> dict[str, Any]:
     row = {**tag, "best_epoch": fit.best_epoch, "wall_s": wall, "train_s_per_epoch": fit.train_time / len(fit.history),
            **{f"test_{k}": v for k, v in (fit.test_metrics or {}).items()},
            **{f"val_{k}": v for k, v in fit.val_metrics.items()}, "froc": froc_score}
+    normalization = getattr(getattr(model, "online", model), "normalization", None)
+    if getattr(normalization, "alpha", None) is not None:
+        row["mixture_alpha"] = normalization.alpha  # Eq. 34's learnt softmax weight (the paper: 0.989-0.996)
     return {"run": row, "predictions": predictions, "stability": stability, "history": history,
             "localization": localization.assign(**tag)}
 

@@ -115,3 +115,14 @@ def test_trained_targets_give_both_targets_per_seed_slide_and_temperature(data):
     assert len(targets) == 2 * n_test * 2 * 2
     assert set(targets["method"]) == {"NSF T=1", "NSF T=2", "softmax T=1", "softmax T=2"}
     assert (targets["log_top_ratio"] >= 0).all() and targets["normalized_entropy"].between(0, 1).all()
+
+
+def test_s7_variants_train_and_report_the_learnt_mixture_weight(data):
+    config = TrainConfig(epochs=2, lr=1e-3, schedule="constant", warmup_epochs=0, device="cpu")
+    names = ["ABMIL + entmax-1.5 anchor", "ABMIL + anchor + NSF, NSF online",
+             "ABMIL + anchor + NSF, mixture online (Eq. 34)"]
+    out = A.run_dynamics(data, names, [0], config, n_tracked=2, small=True, progress=False)
+    runs = out.runs.set_index("method")
+    assert runs["test_auc"].between(0, 1).all()
+    alpha = runs["mixture_alpha"]
+    assert alpha[names[:2]].isna().all() and 0 < alpha[names[2]] < 1 and alpha[names[2]] != 0.5  # rho moved
