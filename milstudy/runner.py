@@ -400,6 +400,9 @@ def _provenance_line(run: dict[str, Any]) -> str:
             f"{device_line(run.get('device') or {})} · status **{run.get('status')}**")
 
 
+INLINE_TABLE_ROWS = 60  # longer tables are linked from the results index, not copied into it
+
+
 def _study_section(study: Study, profile_dir: Path, profile: str) -> list[str]:
     lines = [f"## {study.stem}: {study.title}", "", f"Paper: {study.paper or '-'}", ""]
     folder = profile_dir / study.stem
@@ -413,7 +416,13 @@ def _study_section(study: Study, profile_dir: Path, profile: str) -> list[str]:
             if path.suffix == ".png":
                 lines += [f"![{path.stem}]({link})", ""]
             elif path.with_suffix(".md").is_file():
-                lines += [f"**{path.stem}** ([CSV]({link}))", "", path.with_suffix(".md").read_text().rstrip(), ""]
+                table = path.with_suffix(".md").read_text().rstrip()
+                rows = table.count("\n") - 1  # a Markdown table: header, rule, one line per row
+                if rows <= INLINE_TABLE_ROWS:
+                    lines += [f"**{path.stem}** ([CSV]({link}))", "", table, ""]
+                else:  # long per-run / per-slide tables stay in their files; the index stays readable
+                    lines += [f"**{path.stem}** ([CSV]({link}), [Markdown]({link[:-4]}.md)): {rows} rows, "
+                              "not shown here", ""]
         lines += [f"Executed notebook: [{run.get('executed_notebook')}]"
                   f"({quote(study.stem)}/{quote(str(run.get('executed_notebook')))})", "",
                   f"Provenance: {_provenance_line(run)}"]

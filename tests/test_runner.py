@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from milstudy import cli, runner
@@ -298,6 +299,12 @@ def test_report_indexes_figures_tables_and_provenance(batch):
     assert "Latest run failed" in text and "boom from the bad notebook" in text
     assert text.index("## bad") < text.index("## good")  # studies.yaml order
     assert not list(readme.parent.glob(".README*"))
+    long = pd.DataFrame({"slide": [f"s{i}" for i in range(runner.INLINE_TABLE_ROWS + 1)], "score": 0.5})
+    long.to_csv(tree.results_root / "smoke" / "good" / "per_slide.csv", index=False)
+    (tree.results_root / "smoke" / "good" / "per_slide.md").write_text(long.to_markdown(index=False))
+    text = runner.write_report("smoke", **tree.locations()).read_text()
+    assert f"[Markdown](good/per_slide.md)): {runner.INLINE_TABLE_ROWS + 1} rows, not shown here" in text
+    assert "| s0 " not in text and (tree.results_root / "smoke" / "good" / "schedule.md").read_text().strip() in text
 
 
 # ------------------------------------------------------------------------------- notebook helpers
