@@ -86,7 +86,7 @@ class ABMIL(MILModel):
         mask = check_bag_input(x, self.in_dim, mask, "ABMIL")
         h = self.embed(x)  # [B,N,L]
         raw = pad_attention_logits(self.scorer(h).unsqueeze(1), mask)  # [B,1,N]
-        scores = raw if self.normalization.kind == "softmax" else pad_attention_logits(self.normalization(raw, mask), mask)
+        scores = self.normalization(raw, mask)  # the raw scores themselves for the softmax (the paper)
         weights = masked_softmax(scores, mask)  # [B,1,N]
         bag = torch.einsum("bhn,bnl->bl", weights, h)  # Eq. 7: [B,L]
         logits = self.classifier(self.out_norm(bag))

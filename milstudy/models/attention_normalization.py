@@ -23,20 +23,23 @@ from milstudy.models.layers import PAD_LOGIT
 NORMALIZATIONS = ("softmax", "nsf", "mixture")
 
 
-def _masked_log_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    expanded = mask.to(torch.bool).view(mask.shape[0], *([1] * (scores.dim() - 2)), mask.shape[1])
-    return torch.log_softmax(scores.masked_fill(~expanded, float("-inf")), dim=-1).masked_fill(~expanded, PAD_LOGIT)
+def _expand(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``mask [B, N]`` as a bool view broadcastable over ``scores [B, ..., N]``."""
+    return mask.to(torch.bool).view(mask.shape[0], *([1] * (scores.dim() - 2)), mask.shape[1])
+
+
+def _masked_log_softmax(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(scores.masked_fill(~real, float("-inf")), dim=-1).masked_fill(~real, PAD_LOGIT)
 
 
 def mixture_logits(scores: torch.Tensor, mask: torch.Tensor, log_alpha: torch.Tensor,
                    log_one_minus_alpha: torch.Tensor) -> torch.Tensor:
     """``log(α softmax(z) + (1-α) NSF(z))`` over the real instances of ``scores [B, ..., N]`` (``PAD_LOGIT`` on
     padding); ``log_alpha`` and ``log_one_minus_alpha`` as tensors (``-inf`` allowed: α = 0 or 1)."""
-    expanded = mask.to(torch.bool).view(mask.shape[0], *([1] * (scores.dim() - 2)), mask.shape[1])
-    log_softmax = _masked_log_softmax(scores, mask)
-    log_nsf = _masked_log_softmax(F.logsigmoid(scores), mask)
-    mixed = torch.logaddexp(log_alpha + log_softmax, log_one_minus_alpha + log_nsf)
-    return mixed.masked_fill(~expanded, PAD_LOGIT)
+    real = _expand(mask, scores)
+    mixed = torch.logaddexp(log_alpha + _masked_log_softmax(scores, real),
+                            log_one_minus_alpha + _masked_log_softmax(F.logsigmoid(scores), real))
+    return mixed.masked_fill(~real, PAD_LOGIT)
 
 
 class AttentionNormalization(nn.Module):
@@ -58,9 +61,8 @@ class AttentionNormalization(nn.Module):
     def forward(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.kind == "softmax":
             return scores
-        expanded = mask.to(torch.bool).view(mask.shape[0], *([1] * (scores.dim() - 2)), mask.shape[1])
         if self.kind == "nsf":
-            return F.logsigmoid(scores).masked_fill(~expanded, PAD_LOGIT)
+            return F.logsigmoid(scores).masked_fill(~_expand(mask, scores), PAD_LOGIT)
         return mixture_logits(scores, mask, F.logsigmoid(self.rho), F.logsigmoid(-self.rho))
 
     def extra_repr(self) -> str:

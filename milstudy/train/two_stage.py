@@ -187,9 +187,8 @@ def evaluate(
     model.eval()
     logits_all, targets_all, ids_all = [], [], []
     attention: dict[str, np.ndarray] = {}
-    order = np.arange(len(dataset))
-    if group_by_length and batch_size > 1:
-        order = np.argsort(bag_lengths(dataset), kind="stable")
+    grouped = group_by_length and batch_size > 1
+    order = np.argsort(bag_lengths(dataset), kind="stable") if grouped else None
     for bags in _loader(dataset, order, batch_size, num_workers):
         batch = _to_batch(bags, device)
         targets = task.make_targets(batch["raw_targets"], batch["slide_ids"])
@@ -204,10 +203,12 @@ def evaluate(
                 real = slice(None) if batch["mask"] is None else batch["mask"][row].cpu().numpy()
                 attention[slide_id] = att[row][:, real]
     model.train(was_training)
-    restore = np.argsort(order, kind="stable")  # back to dataset order
-    logits, targets = torch.cat(logits_all)[restore], torch.cat(targets_all)[restore]
-    ids_all = [ids_all[i] for i in restore]
-    attention = {slide_id: attention[slide_id] for slide_id in ids_all if slide_id in attention}
+    logits, targets = torch.cat(logits_all), torch.cat(targets_all)
+    if grouped:  # back to dataset order
+        restore = np.argsort(order, kind="stable")
+        logits, targets = logits[restore], targets[restore]
+        ids_all = [ids_all[i] for i in restore]
+        attention = {slide_id: attention[slide_id] for slide_id in ids_all if slide_id in attention}
     loss = float(task.loss(logits, targets)) if len(logits) else float("nan")
     predictions = task.predict(logits)
     metrics = task.metrics(predictions, targets)
