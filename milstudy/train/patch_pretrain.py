@@ -33,14 +33,17 @@ def pretrain_on_patch_labels(
 ) -> tuple[nn.Module, list[float]]:
     """Train ``encoder`` (+ a linear head, discarded) to classify patches; returns (encoder in eval mode, loss per epoch).
 
-    patches: uint8 ``[N, p, p, 3]``; labels: int ``[N]`` (0 normal, 1 tumour, or more classes). ``encoder`` maps float
-    ``[B, 3, p, p]`` in [0, 1] to ``[B, encoder.out_dim]``. ``balance`` draws each epoch's patches with class-balanced
-    weights (tumour patches are rare). Random horizontal/vertical flips; no colour augmentation.
+    patches: uint8 ``[N, p, p, 3]`` images, or float ``[N, d]`` descriptors (the S-vec tier; no augmentation);
+    labels: int ``[N]`` (0 normal, 1 tumour, or more classes). ``encoder`` maps float ``[B, 3, p, p]`` in [0, 1]
+    (or ``[B, d]``) to ``[B, encoder.out_dim]``. ``balance`` draws each epoch's patches with class-balanced
+    weights (tumour patches are rare). Images: random horizontal/vertical flips; no colour augmentation.
     """
     patches = np.asarray(patches)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
-        raise ValueError(f"patches must be uint8 [N, p, p, 3], got {patches.dtype} {patches.shape}")
+    descriptors = patches.ndim == 2 and np.issubdtype(patches.dtype, np.floating)
+    if not descriptors and (patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8):
+        raise ValueError(f"patches must be uint8 images [N, p, p, 3] or float descriptors [N, d], got "
+                         f"{patches.dtype} {patches.shape}")
     if len(patches) != len(labels):
         raise ValueError(f"{len(patches)} patches but {len(labels)} labels")
     n_classes = int(labels.max()) + 1
@@ -63,12 +66,15 @@ def pretrain_on_patch_labels(
         epoch_losses = []
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            images = torch.as_tensor(patches[index]).to(device).movedim(-1, 1).float().div_(255.0)
-            flip = torch.rand(2, generator=generator)
-            if flip[0] < 0.5:
-                images = images.flip(-1)
-            if flip[1] < 0.5:
-                images = images.flip(-2)
+            if descriptors:
+                images = torch.as_tensor(patches[index], dtype=torch.float32, device=device)
+            else:
+                images = torch.as_tensor(patches[index]).to(device).movedim(-1, 1).float().div_(255.0)
+                flip = torch.rand(2, generator=generator)
+                if flip[0] < 0.5:
+                    images = images.flip(-1)
+                if flip[1] < 0.5:
+                    images = images.flip(-2)
             loss = nn.functional.cross_entropy(head(encoder(images)), torch.as_tensor(labels[index], device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

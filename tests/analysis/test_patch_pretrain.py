@@ -1,6 +1,7 @@
 """Patch-label pre-training of the "strong" encoder learns the patch classes and round-trips through a weights file."""
 
 import numpy as np
+import pytest
 import torch
 
 from milstudy.analysis.embedding import knn_purity
@@ -34,3 +35,24 @@ def test_pretraining_lowers_the_loss_and_separates_the_classes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), features)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_pretraining_on_descriptors_learns_three_classes_and_rejects_other_shapes():
+    """The S-vec tier: float descriptors ``[N, d]`` through the descriptor MLP (no image augmentation)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(300) % 3
+    descriptors = rng.normal(size=(300, 12)).astype(np.float32)
+    descriptors[:, 0] += 1.5 * labels  # one direction carries the class
+    encoder = build_encoder("descriptor_mlp", seed=0, in_dim=12, widths=(16, 16))
+    with torch.no_grad():
+        before = knn_purity(encoder.eval()(torch.as_tensor(descriptors)).numpy(), labels, k=5)
+    encoder, losses = pretrain_on_patch_labels(encoder, descriptors, labels, epochs=8, batch_size=32, lr=3e-3,
+                                               progress=False)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        after = knn_purity(encoder(torch.as_tensor(descriptors)).numpy(), labels, k=5)
+    assert after > before + 0.1
+    with pytest.raises(ValueError, match="float descriptors"):
+        pretrain_on_patch_labels(encoder, descriptors[None], labels, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="float descriptors"):
+        pretrain_on_patch_labels(encoder, descriptors.astype(np.int64), labels, epochs=1, progress=False)

@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from milstudy.data.synthetic.descriptors import ISUP, PATCH_PX, DescriptorWorld, descriptor_cohort, tissue_grid
+from milstudy.data.synthetic.descriptors import (ISUP, PATCH_PX, DescriptorWorld, descriptor_cohort, patch_classes,
+                                                tissue_grid)
 
 SMALL = dict(n_slides=24, n_patches=(300, 600))
 
@@ -28,6 +29,14 @@ def test_same_world_same_slides_and_another_seed_other_slides(detection):
         assert a.slide_id == b.slide_id and np.array_equal(a.main, b.main) and np.array_equal(a.low, b.low)
     assert not np.array_equal(_slides(detection)[0].main[:50], _slides(other)[0].main[:50])
     assert detection.world.digest() == again.world.digest() != other.world.digest()
+
+
+def test_another_slide_seed_draws_other_slides_of_the_same_biology(detection):
+    other = descriptor_cohort(DescriptorWorld(task="detection", **SMALL), slide_seed=99)
+    assert all(np.array_equal(other.directions[k], detection.directions[k]) for k in detection.directions)
+    assert not {s.slide_id for s in _slides(other)} & {s.slide_id for s in _slides(detection)}
+    assert _slides(other)[0].slide_id.startswith("svec_detection_99_")
+    assert not np.array_equal(_slides(other)[0].main[:50], _slides(detection)[0].main[:50])
 
 
 def test_geometry_grid_sizes_and_the_low_scale_covers_the_main_scale(detection):
@@ -105,6 +114,30 @@ def test_grading_grades_follow_the_gleason_patterns():
         else:
             primary, secondary = map(int, row["patterns"].split("+"))
             assert ISUP[(primary, secondary)] == row["label"]
+
+
+def test_patch_classes_name_benign_mimic_tumour_and_the_gleason_pattern():
+    """``patch_classes``: tumour patches (instance label 1) are class >= 2, mimics 1, the rest 0; under grading a
+    slide's tumour classes are its Gleason patterns minus one, and mimics lie along their own cue."""
+    world = DescriptorWorld(task="grading", mimic_rate=(0.05, 0.1), stain_sd=0.0, **SMALL)
+    cohort = descriptor_cohort(world)
+    mimic_proj, benign_proj = [], []
+    for slide in _slides(cohort):
+        classes = cohort.patch_classes[slide.slide_id]
+        assert classes.shape == (slide.n_main,) and classes.dtype == np.int64
+        assert np.array_equal(classes >= 2, slide.instance_labels == 1)
+        assert (classes == 1).any()  # every slide has mimics at a 5-10 % share
+        row = cohort.table.set_index("slide_id").loc[slide.slide_id]
+        patterns = {int(p) - 1 for p in row["patterns"].split("+")} if row["patterns"] else set()
+        assert set(np.unique(classes[classes >= 2]).tolist()) <= patterns
+        mimic_proj.append(slide.main[classes == 1] @ cohort.directions["mimic"])
+        benign_proj.append(slide.main[classes == 0] @ cohort.directions["mimic"])
+    gap = np.concatenate(mimic_proj).mean() - np.concatenate(benign_proj).mean()
+    expected = world.signal * np.sqrt(1 - world.mimic_overlap ** 2)
+    assert gap == pytest.approx(expected, abs=0.15)
+    assert patch_classes(np.array([0, 3, 5, 0]), np.array([True, False, False, False]),
+                         np.array([False, True, True, False])).tolist() == [1, 2, 4, 0]
+    assert patch_classes(np.zeros(2, np.int64), np.zeros(2, bool), np.array([True, False])).tolist() == [2, 0]
 
 
 def test_survival_targets_censoring_share_and_burden_raises_the_hazard():

@@ -114,13 +114,18 @@ class DescriptorWorld:
 
 @dataclass
 class DescriptorCohort:
-    """Slides per split (``E2ESlide``), the task, the per-slide table and the world that drew them."""
+    """Slides per split (``E2ESlide``), the task, the per-slide table and the world that drew them.
+
+    ``patch_classes[slide_id]``: int ``[N]`` per main-scale patch, what a pathologist would call it: 0 benign
+    tissue, 1 mimic, 2 tumour (grading: 2 / 3 / 4 = Gleason pattern 3 / 4 / 5), e.g. the labels an FM-like
+    encoder is pre-trained on (:func:`patch_classes`)."""
 
     splits: dict[str, list]
     task: Any
     table: pd.DataFrame
     world: DescriptorWorld
     directions: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    patch_classes: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def positives(self, split: str) -> list:
         return [s for s in self.splits[split] if s.instance_labels is not None and s.instance_labels.sum() > 0]
@@ -255,6 +260,13 @@ def _build_slide(world: DescriptorWorld, plan: dict[str, Any], dirs: dict[str, n
             "mimic": mimic, "witness_share": float(tumour.mean()), "mimic_share": float(mimic.mean())}
 
 
+def patch_classes(pattern: np.ndarray, mimic: np.ndarray, tumour: np.ndarray) -> np.ndarray:
+    """Per-patch class: 0 benign, 1 mimic, 2 tumour; a Gleason pattern p (grading) gives class p - 1 (2, 3, 4)."""
+    classes = np.where(mimic, 1, 0).astype(np.int64)
+    classes[tumour] = np.where(pattern[tumour] > 0, pattern[tumour] - 1, 2)
+    return classes
+
+
 def _classes(world: DescriptorWorld, rng: np.random.Generator) -> np.ndarray:
     """Per-slide class, exact proportions, shuffled."""
     n = world.n_slides
@@ -280,21 +292,26 @@ def _splits(labels: np.ndarray, fractions: tuple[float, float, float], rng: np.r
     return split
 
 
-def descriptor_cohort(world: DescriptorWorld) -> DescriptorCohort:
-    """Draw the cohort of ``world``: ``E2ESlide`` per split with float32 descriptors (see the module docstring)."""
+def descriptor_cohort(world: DescriptorWorld, slide_seed: int | None = None) -> DescriptorCohort:
+    """Draw the cohort of ``world``: ``E2ESlide`` per split with float32 descriptors (see the module docstring).
+
+    ``slide_seed`` (default ``world.seed``) draws the slides; the cue directions (what a tumour, a mimic, a tissue
+    type look like) always come from ``world.seed``. Another ``slide_seed`` gives disjoint slides of the same
+    biology, e.g. the cohort an FM-like encoder is pre-trained on (slide ids name the slide seed)."""
     from milstudy.data.e2e_slides import E2ESlide
     from milstudy.train.tasks import build_task
 
-    rng = np.random.default_rng([world.seed, 1])
+    slide_seed = world.seed if slide_seed is None else int(slide_seed)
+    rng = np.random.default_rng([slide_seed, 1])
     dirs = _directions(world)
     labels = _classes(world, rng)
     splits = _splits(labels, world.fractions, rng)
     rows, slides = [], []
     for i, cls in enumerate(labels):
-        slide_rng = np.random.default_rng([world.seed, 2, i])
+        slide_rng = np.random.default_rng([slide_seed, 2, i])
         plan = _slide_plan(world, int(cls), slide_rng)
         built = _build_slide(world, plan, dirs, slide_rng)
-        rows.append({"slide_id": f"svec_{world.task}_{world.seed}_{i:04d}", "label": int(cls), "split": splits[i],
+        rows.append({"slide_id": f"svec_{world.task}_{slide_seed}_{i:04d}", "label": int(cls), "split": splits[i],
                      "n_patches": len(built["coords"]), "n_low": len(built["low"]),
                      "witness_rate": built["witness_share"], "mimic_rate": built["mimic_share"],
                      "subtype": plan["subtype"], "patterns": "+".join(map(str, plan["patterns"])),
@@ -316,8 +333,10 @@ def descriptor_cohort(world: DescriptorWorld) -> DescriptorCohort:
         task = build_task(spec, targets)
     table = table.drop(columns=["survival_unit_exp", "censor_u"])
     out: dict[str, list] = {"train": [], "val": [], "test": []}
+    classes = {}
     for row, built, target in zip(rows, slides, targets):
+        classes[row["slide_id"]] = patch_classes(built["pattern"], built["mimic"], built["instance_labels"] > 0)
         slide = E2ESlide(row["slide_id"], target, built["coords"], built["main"], built["low"],
                          instance_labels=built["instance_labels"], low_coords=built["low_coords"])
         out[row["split"]].append(slide)
-    return DescriptorCohort(out, task, table, world, dirs)
+    return DescriptorCohort(out, task, table, world, dirs, classes)
