@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(err: BaseException) -> int:
+def report_error(err: BaseException) -> int:
     """One line on stderr for an error that ended a command; the exit code (2 bad input, 1 failure)."""
     import errno
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - one error style for every command
         if debug:
             raise
-        return _report(err)
+        return report_error(err)
 
 
 if __name__ == "__main__":

@@ -142,18 +142,31 @@ def is_complete(path: Path, expected: dict, feature_dim: int) -> bool:
 
 
 def _write_bag(path: Path, datasets: dict[str, np.ndarray], attrs: dict, coords_attrs: dict | None = None) -> None:
+    """Write one bag file atomically: the HDF5 image is built in memory (about the size of the features, which are
+    in memory already), then written to a temporary name and renamed, so a full disk is a plain
+    ``OSError(ENOSPC)`` naming ``path`` (not an error inside HDF5's own writes) and never leaves a partial file."""
+    import errno
+    import io
+
     import h5py
 
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        for key, value in datasets.items():
+            handle.create_dataset(key, data=value)
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+        for key, value in (coords_attrs or {}).items():  # where TRIDENT's readers look
+            handle["coords"].attrs[key] = value
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as handle:
-            for key, value in datasets.items():
-                handle.create_dataset(key, data=value)
-            for key, value in attrs.items():
-                handle.attrs[key] = value
-            for key, value in (coords_attrs or {}).items():  # where TRIDENT's readers look
-                handle["coords"].attrs[key] = value
+        with open(tmp, "wb") as out:
+            out.write(buffer.getbuffer())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -378,10 +391,11 @@ def describe_error(err: BaseException) -> str:
     import errno
 
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full (ENOSPC) while writing: {err.filename or err}; free space and rerun (finished slides are kept)"
+        where = err.filename or (str(err).splitlines() or [""])[0]
+        return f"disk full (ENOSPC) while writing: {where}; free space and rerun (finished slides are kept)"
     if isinstance(err, MemoryError):
         return "out of memory (MemoryError) on this slide; its header may claim an implausible size"
-    return f"{type(err).__name__}: {err}"
+    return f"{type(err).__name__}: " + " ".join(str(err).split())  # one line, whatever a library put in it
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -95,20 +95,37 @@ def device_line(device: dict[str, Any]) -> str:
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name next to ``path`` (created with its folder), then rename it into
-    place (``os.replace``); the temporary file never survives, whatever ``write`` raises."""
+    place (``os.replace``); the temporary file never survives, whatever ``write`` raises. A full disk is raised
+    as ``OSError(ENOSPC)`` naming ``path``."""
+    import errno
     import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
+        raise
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> Path:
+    """``data`` to ``path`` atomically with plain file I/O (serialise in memory first, e.g. ``torch.save`` into a
+    ``BytesIO``: a library's own writer reports a full disk in its own words; ``write`` raises ``OSError``)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:

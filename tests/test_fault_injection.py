@@ -195,6 +195,59 @@ def test_full_disk_during_extraction_is_recorded_and_keeps_finished_bags(tmp_pat
     assert not list(out.glob(".*tmp*")) and not (out / "s1.h5").exists()
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 48 KiB tmpfs (where this machine lets the test mount one: root with CAP_SYS_ADMIN), else skip."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount_point)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected-ENOSPC tests cover the same paths")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def test_full_disk_on_a_real_tmpfs_keeps_finished_bags(tmp_path, small_tmpfs, capsys):
+    """`features extract` into a 48 KiB tmpfs that fills up after two bags (about 17 KiB each): the slides that
+    did not fit are errors that say "disk full", the command exits 1, the bags that fit are byte-identical to those
+    of a run with room, and no temporary file is left; a rerun with room skips the finished bags."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides, n=4)
+    args = ["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides), *EXTRACT]
+    assert main([*args, "--out", str(tmp_path / "roomy")]) == 0
+    capsys.readouterr()
+    code = main([*args, "--out", str(small_tmpfs)])
+    out, err = capsys.readouterr()
+    assert code == 1, (out, err)
+    finished = _datasets(small_tmpfs)
+    assert 1 <= len(finished) < 4, "the tmpfs must fill after the first bag and before the last"
+    roomy = _datasets(tmp_path / "roomy")
+    assert all(finished[name] == roomy[name] for name in finished)
+    assert not list(small_tmpfs.glob(".*tmp*"))
+    reported = [line for line in out.splitlines() if "disk full" in line]
+    assert reported and all(line.strip().startswith("error: s") and line.rstrip().endswith("(finished slides are kept)")
+                            for line in reported), out  # one line per slide, naming the bag file
+    assert all(f"{small_tmpfs}/s" in line for line in reported)
+    assert "Traceback" not in err and "Exception ignored" not in err  # nothing leaks from HDF5's own writes
+    summary_path = small_tmpfs / "extraction_summary.csv"
+    if summary_path.exists():  # written when it still fits; otherwise the one-line error above is the report
+        summary = pd.read_csv(summary_path).set_index("slide_id")
+        failed = summary[summary["status"] == "error"]
+        assert len(failed) == 4 - len(finished) and failed["message"].str.contains("disk full").all()
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_tmpfs)], check=True, capture_output=True)
+    assert main([*args, "--out", str(small_tmpfs)]) == 0
+    assert _datasets(small_tmpfs) == roomy
+    summary = pd.read_csv(small_tmpfs / "extraction_summary.csv").set_index("slide_id")["status"]
+    assert {f"{sid}.h5" for sid, status in summary.items() if status == "skipped"} == set(finished)
+
+
 def test_full_disk_in_any_command_is_one_line_and_exit_1(monkeypatch, capsys):
     import milstudy.features as features
 
@@ -246,3 +299,31 @@ def test_sigkilled_e2e_training_resumes_to_the_same_result(tmp_path):
     assert metrics[0] == metrics[1] and metrics[0]["best_epoch"] == 6
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "clean" / "predictions.csv"),
                                   pd.read_csv(killed / "predictions.csv"))
+
+
+def test_full_disk_during_e2e_training_is_one_line_and_the_rerun_with_room_finishes(tmp_path, small_tmpfs):
+    """The E2E command line with its output on a 48 KiB tmpfs: the first checkpoint does not fit, so the command
+    stops with one line naming the file that did not fit (no torch "enforce fail", no traceback), exit 1, no
+    temporary file left; with room, the same command then gives the result of a run that never lacked space."""
+    import yaml
+
+    config = {"encoder": "tiny_cnn", "encoder_kwargs": {"widths": [8, 16, 32, 64]}, "aggregator": "abmil",
+              "s": 8, "ratio": 4, "epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "batch_slides": 2, "device": "cpu",
+              "data": {"toy": {"n_slides": 8, "n_patches": 12, "size": 16}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "milstudy.train.e2e_cli", "--config", str(path), "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run([*command, str(small_tmpfs)], env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: disk full (ENOSPC): {small_tmpfs}/") and last.endswith(
+        "; free space and rerun (finished outputs are kept)"), full.stderr
+    assert "Traceback" not in full.stderr and "enforce fail" not in full.stderr
+    assert not [p for p in small_tmpfs.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True, capture_output=True)
+    rerun = subprocess.run([*command, str(small_tmpfs)], env=env, capture_output=True, text=True, timeout=300)
+    roomy = subprocess.run([*command, str(tmp_path / "roomy")], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and roomy.returncode == 0, rerun.stderr + roomy.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(small_tmpfs / "predictions.csv"),
+                                  pd.read_csv(tmp_path / "roomy" / "predictions.csv"))

@@ -19,6 +19,7 @@ leaves a half-written file; ``latest_checkpoint`` only returns folders whose ``s
 from __future__ import annotations
 
 import copy
+import io
 import json
 import random
 import shutil
@@ -27,10 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from milstudy.provenance import atomic_write
+from milstudy.provenance import atomic_write, atomic_write_bytes
 
 STATE_FILE = "state.json"
 
@@ -58,14 +59,18 @@ def _json_default(value: Any) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` atomically (keep ``obj`` to tensors/numbers/strings/lists/dicts: weights_only-loadable)."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` atomically (keep ``obj`` to tensors/numbers/strings/lists/dicts: weights_only-loadable).
+    Serialised in memory, then written with plain I/O, so a full disk is ``OSError(ENOSPC)`` naming ``path``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
-    """Save a state dict as safetensors (CPU, contiguous copies, so tied weights are stored twice)."""
+    """Save a state dict as safetensors (CPU, contiguous copies, so tied weights are stored twice); serialised in
+    memory, then written atomically with plain I/O (a full disk: ``OSError(ENOSPC)`` naming ``path``)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return atomic_write_bytes(path, save(tensors))
 
 
 def load_weights(model: nn.Module, path: Path, strict: bool = True) -> nn.Module:

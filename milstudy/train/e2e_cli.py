@@ -7,8 +7,9 @@ import argparse
 import copy
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from milstudy.data.e2e_slides import load_data
 from milstudy.papers.abmilx import PAPER_SETTINGS
@@ -26,8 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import yaml
 
-    from milstudy.train import distributed as dist_utils
-
     parser = argparse.ArgumentParser(prog="python -m milstudy.train.e2e_cli", description=main.__doc__)
     parser.add_argument("--config", help="YAML: E2EConfig fields + data: {...} + out: DIR")
     parser.add_argument("--preset", choices=sorted(PAPER_SETTINGS),
@@ -37,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fold", type=int, help="use the manifest's fold_K column as the split (e.g. brca_survival: 0, 1, 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an E2EConfig field (YAML value), e.g. --set epochs=5 --set s=256")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.preset):
         parser.error("give exactly one of --config C.yaml or --preset NAME")
@@ -78,6 +78,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = E2EConfig.from_dict(spec)
     except (TypeError, ValueError) as error:  # e.g. --set epochs=abc: name the field instead of a raw traceback
         parser.error(f"bad E2E configuration: {error}")
+    try:
+        return _run(config, data_spec, out_dir)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one error style of every milstudy command
+        if args.debug:
+            raise
+        from milstudy.cli import report_error
+
+        return report_error(err)
+
+
+def _run(config: E2EConfig, data_spec: Any, out_dir: str | None) -> int:
+    """Train, then (rank 0) write the summary files into ``out_dir``."""
+    from milstudy.train import distributed as dist_utils
+
     dist = dist_utils.init_from_env(config.device)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")
     try:
@@ -89,12 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "world_size": dist.world_size, "final_train_loss": float(result.history["train_loss"].iloc[-1])}
             print(json.dumps(summary, default=float))
             if out_dir:
+                from milstudy.provenance import atomic_write
                 from milstudy.train.checkpoint import atomic_write_json, save_weights
 
                 out = Path(out_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                result.history.to_csv(out / "history.csv", index=False)
-                result.predictions.to_csv(out / "predictions.csv", index=False)
+                for name, frame in (("history.csv", result.history), ("predictions.csv", result.predictions)):
+                    atomic_write(out / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
                 atomic_write_json({**summary, "config": result.config}, out / "metrics.json")
                 save_weights(result.model.state_dict(), out / "model.safetensors")
         if dist.enabled and out_dir:

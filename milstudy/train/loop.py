@@ -289,7 +289,7 @@ def fit(step: TrainingStep, config: LoopConfig, callbacks: Sequence[Callable[[Ep
                     out = step.loss(batch, state)
                 if not torch.isfinite(out.loss):
                     raise FloatingPointError(
-                        f"epoch {epoch}: the loss is {float(out.loss)} on {step.describe(batch)}; lower lr (now "
+                        f"epoch {epoch}: the loss is {float(out.loss.detach())} on {step.describe(batch)}; lower lr (now "
                         f"{config.lr}), set grad_clip, or check these bags for non-finite features")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.loss).backward()

@@ -85,12 +85,7 @@ def pretrain_on_patch_labels(
 
 
 def save_encoder(encoder: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the encoder's state dict as safetensors (temporary name, then ``os.replace``); returns the path."""
-    from safetensors.torch import save_file
+    """Write the encoder's state dict as safetensors atomically (``milstudy.train.checkpoint.save_weights``)."""
+    from milstudy.train.checkpoint import save_weights
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return save_weights(encoder.state_dict(), Path(path))

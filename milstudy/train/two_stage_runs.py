@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from milstudy.train import two_stage_inputs as inputs
+from milstudy.train.checkpoint import atomic_torch_save
 from milstudy.train.two_stage_inputs import atomic_write, write_csv, write_npy
 
 log = logging.getLogger("milstudy.cli")
@@ -91,7 +92,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, spec: Mapping[str, Any],
                "eval_batch_size": int(config.eval_batch_size), "amp": bool(config.amp),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "train_config": json.loads(json.dumps(config.to_dict(), default=str)), **extra}
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_torch_save(payload, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
