@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata
 
 from milstudy.analysis.stats import seed_summary
-from milstudy.plots_rank import attention_raster_maps, rank_measures_plot, scaling_plot  # noqa: F401,E501  (re-exported)
+from milstudy.plots_rank import attention_raster_maps, rank_measures_plot, scaling_plot, toy_matrix_panels  # noqa: F401,E501  (re-exported)
 from milstudy.plots_intervals import (  # noqa: F401  (re-exported: plots is the one door for figures)
     VERDICT_COLOURS, chance_level, clip_interval, error_bar_label, forest_plot, grouped_intervals, interval_errorbar,
     mark_chance, metric_range,

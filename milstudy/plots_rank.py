@@ -4,6 +4,7 @@
 - ``rank_measures_plot``: every rank definition (as a share of n) and the Eq. 9 sparsity per attention type, mean
   ± 95 % t-interval over seeds (points alone with one seed);
 - ``attention_raster_maps``: n x n attention matrices in raster order on a log colour scale (paper Fig. 2a/c);
+- ``toy_matrix_panels``: the Fig. 5 toy masks and the ALiBi bias on a small grid, values printed;
 - ``loglog_cost_axes``: the log-log axes of every cost-vs-N panel (also the model-zoo bench's);
 - ``scaling_plot``: time and peak memory vs N per implementation on log-log axes (paper Fig. 7), with the fitted
   slopes in the legend and an optional second frame (a re-measurement) drawn with open markers.
@@ -40,7 +41,7 @@ def _interval(values: pd.Series) -> tuple[float, float, float]:
 
 
 def rank_measures_plot(table: pd.DataFrame, columns: Mapping[str, str] | None = None, kind_column: str = "kind",
-                       hue: str = "temperature", title: str | None = None) -> Figure:
+                       hue: str | None = "temperature", title: str | None = None) -> Figure:
     """One panel per measure (``columns``: name -> label, default :data:`RANK_COLUMNS` present in ``table``), one
     row of points per attention type, one colour per ``hue`` value; a :func:`~milstudy.analysis.attention_rank
     .rank_table` frame with a ``seed`` column gives the intervals."""
@@ -48,7 +49,7 @@ def rank_measures_plot(table: pd.DataFrame, columns: Mapping[str, str] | None = 
     if not columns:
         raise ValueError(f"table has none of the measure columns {list(RANK_COLUMNS)}; pass a rank_table frame")
     kinds = list(dict.fromkeys(table[kind_column]))
-    hues = list(dict.fromkeys(table[hue])) if hue in table else [None]
+    hues = list(dict.fromkeys(table[hue])) if hue is not None and hue in table else [None]
     fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns) + 1.5, 0.32 * len(kinds) + 1.6),
                              sharey=True, squeeze=False)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -94,6 +95,30 @@ def attention_raster_maps(records: Sequence[Mapping[str, Any]], floor: float = 1
         ax.grid(False)
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="log10 attention")
     fig.suptitle(title or f"Attention matrices in raster order (first {max_tokens} tokens)")
+    return fig
+
+
+def toy_matrix_panels(matrices: Mapping[str, np.ndarray], title: str | None = None) -> Figure:
+    """One panel per matrix of :func:`milstudy.analysis.toy_matrices.fig5_matrices` (boolean masks black on white,
+    a bias as a colour scale), tokens in raster order, every value printed when n <= 16 (as in Fig. 5)."""
+    if not matrices:
+        raise ValueError("matrices is empty; pass milstudy.analysis.toy_matrices.fig5_matrices()")
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.9), squeeze=False)
+    for ax, (name, matrix) in zip(axes[0], matrices.items()):
+        matrix = np.asarray(matrix)
+        is_mask = matrix.dtype == bool
+        ax.imshow(matrix.astype(float), cmap="Greys" if is_mask else "viridis", interpolation="nearest")
+        if len(matrix) <= 16:
+            for (i, j), value in np.ndenumerate(matrix):
+                text = ("1" if value else "") if is_mask else f"{value + 0.0:.2f}"  # + 0.0: no "-0.00"
+                ax.text(j, i, text, ha="center", va="center", fontsize=3.6 if not is_mask else 5,
+                        color="white" if is_mask or value < matrix.min() / 2 else "black")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(len(matrix)), [str(i) for i in range(len(matrix))], fontsize=5)
+        ax.set_yticks(range(len(matrix)), [str(i) for i in range(len(matrix))], fontsize=5)
+        ax.grid(False)
+    fig.suptitle(title or "Fig. 5 toy matrices (tokens of the grid in raster order)")
+    fig.tight_layout()
     return fig
 
 

@@ -150,3 +150,15 @@ def test_grouped_intervals_dodges_groups_clips_bars_and_keeps_category_order():
     assert any(line.get_label() == "chance (0.5)" for line in ax.lines)
     with pytest.raises(ValueError, match="summary lacks"):
         plots.grouped_intervals(summary.drop(columns="auc_low"), "bucket", "method", "auc")
+
+
+def test_toy_matrix_panels_print_every_value_of_the_fig5_grid():
+    from milstudy.analysis.toy_matrices import fig5_matrices
+
+    fig = plots.toy_matrix_panels(fig5_matrices())
+    assert len(fig.axes) == 4
+    alibi_texts = [t.get_text() for t in fig.axes[2].texts]
+    assert len(alibi_texts) == 256 and alibi_texts[15] == "-4.24" and alibi_texts[0] == "0.00"
+    assert sum(t.get_text() == "1" for t in fig.axes[0].texts) == 64  # HIPT 2 x 2 regions: 16 x 4 kept pairs
+    with pytest.raises(ValueError, match="matrices is empty"):
+        plots.toy_matrix_panels({})

@@ -21,6 +21,8 @@ unchanged (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -160,6 +162,40 @@ class LongMIL(MILModel):
             h = block(h, positions, mask)
         pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         return MILOutput(self.head(self.norm(pooled)), extras={"grid_stride": strides})
+
+
+@contextmanager
+def record_attention(model: nn.Module, max_tokens: int = 4096) -> Iterator[list[dict]]:
+    """Within the block, every attention block of ``model`` (LongMIL's local and global blocks, the FSA / absolute-
+    PE baselines' full blocks) also appends its attention matrix to the yielded list: ``{"layer": i, "type":
+    "local" | "global" | "full", "attention": [B, h, N, N]}``, computed by the block's own ``attend`` with the
+    identity as values (so exactly the kernel the forward pass uses: tiled local, chunked ALiBi, SDPA + RoPE).
+    For analysis of small bags (N <= ``max_tokens``; the matrix is N x N), under ``torch.no_grad``."""
+    blocks = [m for m in model.modules() if isinstance(m, _Block)]
+    records: list[dict] = []
+
+    def recording(index: int, block: _Block):
+        original = block.attend
+        kind = "local" if block.radius is not None else ("global" if type(block) is _Block else "full")
+
+        def attend(q, k, v, positions, mask):
+            n = q.shape[-2]
+            if n > max_tokens:
+                raise ValueError(f"record_attention: {n} tokens > max_tokens={max_tokens} (the matrix is N x N)")
+            eye = torch.eye(n, dtype=q.dtype, device=q.device).expand(q.shape[0], q.shape[1], n, n)
+            with torch.no_grad():
+                records.append({"layer": index, "type": kind, "attention": original(q, k, eye, positions, mask)})
+            return original(q, k, v, positions, mask)
+
+        return attend
+
+    for index, block in enumerate(blocks):
+        block.attend = recording(index, block)  # an instance attribute: shadows the method until removed
+    try:
+        yield records
+    finally:
+        for block in blocks:
+            del block.attend
 
 
 @register_model("longmil")

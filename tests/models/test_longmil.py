@@ -101,3 +101,42 @@ def test_absolute_position_embedding_clamps_beyond_its_table_and_says_so():
     out, clamped = model(x, coords=inside), model(x, coords=beyond)
     torch.testing.assert_close(clamped.logits, out.logits)
     assert float(out.extras["clamped_share"]) == 0.0 and float(clamped.extras["clamped_share"]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("name", ["longmil", "fsa_rope"])
+def test_record_attention_gives_each_blocks_exact_attention_matrix(name):
+    """The recorded matrices are those the forward pass applies: rows sum to 1, local layers are zero beyond the
+    radius, and attention @ values is the block's output (checked by re-running one block by hand)."""
+    from milstudy.models.longmil import record_attention
+
+    torch.manual_seed(0)
+    kwargs = {"dim": 16, "radius": 2.0, "stride": 1.0} if name == "longmil" else {"dim": 16, "stride": 1.0}
+    model = build_model(name, 8, 2, **kwargs).double().eval()
+    grid = torch.stack(torch.meshgrid(torch.arange(7), torch.arange(5), indexing="xy"), -1).reshape(1, -1, 2)
+    x = torch.randn(1, 35, 8, dtype=torch.float64)
+    with torch.no_grad():
+        plain = model(x, coords=grid).logits
+        with record_attention(model) as records:
+            recorded = model(x, coords=grid).logits
+    torch.testing.assert_close(recorded, plain)  # recording does not change the forward pass
+    expected = ["local", "local", "global"] if name == "longmil" else ["full", "full"]
+    assert [r["type"] for r in records] == expected and [r["layer"] for r in records] == list(range(len(expected)))
+    for record in records:
+        attention = record["attention"]
+        torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1], dtype=torch.float64))
+    first = records[0]["attention"][0, 0]
+    assert first.shape == (35, 35)
+    if name == "longmil":
+        distance = torch.cdist(grid[0].double(), grid[0].double())
+        assert torch.all(first[distance > 2.0] == 0) and torch.all(first[distance <= 2.0] > 0)
+        assert records[2]["attention"].shape[-1] == 12  # the global layer after 2 x 2 pooling: 4 x 3 cells
+    block = next(m for m in model.modules() if isinstance(m, _Block))
+    assert "attend" not in vars(block)  # the recording is removed on exit
+    h = model.project(x)
+    q, k, v = block.qkv(block.norm1(h)).view(1, 35, 3, 1, 16).permute(2, 0, 3, 1, 4)
+    positions, _ = grid_positions(grid, torch.ones(1, 35, dtype=torch.bool), 1.0)
+    torch.testing.assert_close(records[0]["attention"] @ v, block.attend(q, k, v, positions,
+                                                                         torch.ones(1, 35, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        with record_attention(model, max_tokens=10):
+            model(x, coords=grid)
