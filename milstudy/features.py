@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from milstudy.console import add_logging_flags, progress_disabled, report_slide_statuses
+from milstudy.provenance import atomic_write
 
 log = logging.getLogger("milstudy.features")
 
@@ -117,59 +118,47 @@ def settings_difference(path: Path, settings: dict) -> list[str] | None:
     return changed or None
 
 
-def is_complete(path: Path, expected: dict, feature_dim: int) -> bool:
-    """True if ``path`` is a finished bag matching ``expected`` attributes (resume check)."""
+def bag_difference(path: Path, expected: dict, feature_dim: int) -> list[str] | None:
+    """None if ``path`` is a finished bag matching ``expected`` attributes (encoder, weights hash, resolution,
+    patch size) and ``feature_dim``; else what differs, e.g. ``["encoder 'tiny_cnn' -> 'resnet18_trunc'"]`` or
+    ``["incomplete file"]`` (the resume check)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
             if "features" not in handle or "coords" not in handle or "n_patches" not in attrs:
-                return False
+                return ["incomplete file"]
             n = int(attrs["n_patches"])
-            if handle["features"].shape != (n, feature_dim) or handle["coords"].shape != (n, 2):
-                return False
+            changed = []
             for key, value in expected.items():
                 stored = attrs.get(key)
-                if isinstance(value, float):
-                    if stored is None or not np.isclose(float(stored), value):
-                        return False
-                elif str(stored) != str(value):
-                    return False
-            return True
+                same = (stored is not None and np.isclose(float(stored), value)) if isinstance(value, float) \
+                    else str(stored) == str(value)
+                if not same:
+                    changed.append(f"{key} {stored if stored is None else str(stored)!r} -> {str(value)!r}")
+            if handle["features"].shape != (n, feature_dim) or handle["coords"].shape != (n, 2):
+                changed.append(f"features {tuple(handle['features'].shape)} -> ({n}, {feature_dim})")
+            return changed or None
     except (OSError, KeyError, ValueError):
-        return False
+        return ["unreadable file"]
+
 
 
 def _write_bag(path: Path, datasets: dict[str, np.ndarray], attrs: dict, coords_attrs: dict | None = None) -> None:
-    """Write one bag file atomically: the HDF5 image is built in memory (about the size of the features, which are
-    in memory already), then written to a temporary name and renamed, so a full disk is a plain
-    ``OSError(ENOSPC)`` naming ``path`` (not an error inside HDF5's own writes) and never leaves a partial file."""
-    import errno
-    import io
+    """Write one bag file atomically (:func:`milstudy.provenance.atomic_write_h5`: a full disk is one
+    ``OSError(ENOSPC)`` naming ``path``)."""
+    from milstudy.provenance import atomic_write_h5
 
-    import h5py
-
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as handle:
+    def fill(handle) -> None:
         for key, value in datasets.items():
             handle.create_dataset(key, data=value)
         for key, value in attrs.items():
             handle.attrs[key] = value
         for key, value in (coords_attrs or {}).items():  # where TRIDENT's readers look
             handle["coords"].attrs[key] = value
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(buffer.getbuffer())
-        os.replace(tmp, path)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write_h5(path, fill)
 
 
 def _embed(encoder, dataset, batch_size: int, num_workers: int, device, amp: bool, progress, desc: str,
@@ -267,15 +256,13 @@ def extract_features(
     import torch
     from tqdm.auto import tqdm
 
-    from milstudy.data.manifests import load_manifest, resolve_paths
-    from milstudy.data.patches import PatchDataset
-    from milstudy.data.slides import SlideResolutionError, open_slide
+    from milstudy.data.manifests import (load_manifest, manifest_lines, open_manifest_slide, output_paths,
+                                         resolve_paths, row_mpp)
     from milstudy.data.patch_coords import coords_file, grid_from_coords
+    from milstudy.data.patches import PatchDataset
     from milstudy.data.tiling import coords_attributes, tile_slide
     from milstudy.encoders import build_encoder
     from milstudy.paths import slide_root as env_slide_root
-
-    from milstudy.data.manifests import MPP_HINT, manifest_lines, output_paths, row_mpp
 
     if resize is not None and int(resize) < 1:
         raise ValueError(f"--resize must be a positive number of pixels, got {resize}")
@@ -316,8 +303,8 @@ def extract_features(
             settings["resize"] = int(resize)
         if coords_dir is not None:
             settings["coords_file"] = _file_fingerprint(coords_path, whole=True) if coords_path else None
-        if target.exists() and is_complete(target, expected, encoder.out_dim):
-            changed = settings_difference(target, settings)
+        if target.exists():
+            changed = bag_difference(target, expected, encoder.out_dim) or settings_difference(target, settings)
             if changed is None:
                 import h5py
 
@@ -327,12 +314,11 @@ def extract_features(
                 records.append({**record, "seconds": 0.0})
                 log.debug("%s: skipped (already complete)", slide_id)
                 continue
-            record["message"] = "redone: settings changed (" + "; ".join(changed[:4]) + ")"
+            damaged = changed in (["incomplete file"], ["unreadable file"])
+            record["message"] = f"redone: {changed[0]}" if damaged else \
+                "redone: settings changed (" + "; ".join(changed[:4]) + ")"
         try:
-            try:
-                slide = open_slide(row["path"], mpp=mpp)
-            except SlideResolutionError as err:
-                raise SlideResolutionError(str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)) from None
+            slide = open_manifest_slide(row["path"], mpp)
             if coords_dir is None:
                 grid = tile_slide(slide, target_mpp, patch_size, min_tissue=min_tissue, slide_id=slide_id)
             elif coords_path is None:
@@ -376,9 +362,7 @@ def extract_features(
                                 "batch": batch_size, "workers": num_workers})
     summary = pd.DataFrame.from_records(records, columns=SUMMARY_COLUMNS)
     name = "extraction_summary.csv" if parsed is None else f"extraction_summary_shard{parsed[0]}of{parsed[1]}.csv"
-    tmp = out_dir / f".{name}.{os.getpid()}.tmp"
-    summary.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / name)
+    atomic_write(out_dir / name, lambda tmp: summary.to_csv(tmp, index=False))
     return summary
 
 

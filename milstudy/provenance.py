@@ -122,6 +122,20 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_h5(path: Path, fill: Callable[[Any], None]) -> Path:
+    """An HDF5 file built in memory (``fill(handle)`` writes its datasets and attributes; about the size of the
+    arrays, which are in memory already) and written with :func:`atomic_write_bytes`: a full disk is one
+    ``OSError(ENOSPC)`` naming ``path``, never an error inside HDF5's own writes or a partial file."""
+    import io
+
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        fill(handle)
+    return atomic_write_bytes(path, buffer.getbuffer())
+
+
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> Path:
     """``data`` to ``path`` atomically with plain file I/O (serialise in memory first, e.g. ``torch.save`` into a
     ``BytesIO``: a library's own writer reports a full disk in its own words; ``write`` raises ``OSError``)."""

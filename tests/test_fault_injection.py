@@ -327,3 +327,80 @@ def test_full_disk_during_e2e_training_is_one_line_and_the_rerun_with_room_finis
     assert rerun.returncode == 0 and roomy.returncode == 0, rerun.stderr + roomy.stderr
     pd.testing.assert_frame_equal(pd.read_csv(small_tmpfs / "predictions.csv"),
                                   pd.read_csv(tmp_path / "roomy" / "predictions.csv"))
+
+
+def test_a_slide_above_the_unreadable_patch_threshold_fails_and_leaves_no_bag(tmp_path, capsys):
+    """Item 10: 3 of 16 level-0 tiles corrupt = 12 of 64 patches (19 %) unreadable: above the default 10 % the
+    slide is failed (no bag, exit 1, the message names --max-unreadable); a healthy slide beside it is done; with
+    --max-unreadable 0.25 the slide is done and its failed patches are counted."""
+    import tifffile
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    rng = np.random.default_rng(0)
+    image = np.full((512, 512, 3), 200, np.uint8)
+    image[:, :, 1] = rng.integers(60, 140, (512, 512), dtype=np.uint8)  # tissue everywhere
+    for name in ("bad", "good"):
+        write_pyramidal_tiff(slides / f"{name}.tiff", image, mpp=0.5, compression="zlib", tile=128)
+    with tifffile.TiffFile(slides / "bad.tiff") as tif:
+        page = tif.pages[0]
+        spans = [(page.dataoffsets[i], page.databytecounts[i]) for i in (0, 5, 10)]
+    with open(slides / "bad.tiff", "r+b") as handle:
+        for offset, count in spans:
+            handle.seek(offset)
+            handle.write(bytes(rng.integers(0, 256, count, dtype=np.uint8)))
+    pd.DataFrame({"slide_id": ["bad", "good"], "path": ["bad.tiff", "good.tiff"]}).to_csv(slides / "m.csv", index=False)
+    args = ["features", "extract", "--manifest", str(slides / "m.csv"), "--slide-root", str(slides), "--encoder",
+            "tiny_cnn", "--mpp", "0.5", "--patch-size", "64", "--min-tissue", "0", "--workers", "0", "--device",
+            "cpu", "--quiet"]
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 1
+    summary = pd.read_csv(out / "extraction_summary.csv").set_index("slide_id")
+    assert summary.loc["bad", "status"] == "failed" and "--max-unreadable" in summary.loc["bad", "message"]
+    assert "12 of 64" in summary.loc["bad", "message"], summary.loc["bad", "message"]
+    assert summary.loc["good", "status"] == "done" and not (out / "bad.h5").exists() and (out / "good.h5").is_file()
+    good = (out / "good.h5").read_bytes()
+    assert main([*args, "--out", str(out), "--max-unreadable", "0.25"]) == 0
+    summary = pd.read_csv(out / "extraction_summary.csv").set_index("slide_id")
+    assert summary.loc["bad", "status"] == "done" and summary.loc["bad", "n_failed"] == 12
+    assert summary.loc["good", "status"] == "skipped" and (out / "good.h5").read_bytes() == good
+
+
+def test_extraction_resume_redoes_a_bag_made_with_other_weights_and_says_which_setting(tmp_path):
+    """Item 2: a rerun with another encoder weights file (or another --min-tissue) redoes the slide and names the
+    setting that differs; the same settings skip it."""
+    from milstudy.encoders import build_encoder
+    from milstudy.train.patch_pretrain import save_encoder
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides, n=1)
+    args = ["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides), *EXTRACT,
+            "--out", str(tmp_path / "out"), "--quiet"]
+    weights = save_encoder(build_encoder("tiny_cnn", seed=7), tmp_path / "other.safetensors")
+
+    def status() -> tuple[str, str]:
+        row = pd.read_csv(tmp_path / "out" / "extraction_summary.csv").iloc[0]
+        return row["status"], str(row["message"])
+
+    assert main(args) == 0 and status()[0] == "done"
+    assert main(args) == 0 and status() == ("skipped", "already complete")
+    assert main([*args, "--weights", str(weights)]) == 0
+    assert status()[0] == "done" and status()[1].startswith("redone: settings changed (weight_hash ")
+    assert main([*args, "--weights", str(weights), "--min-tissue", "0.3"]) == 0
+    assert status() == ("done", "redone: settings changed (min_tissue 0.5 -> 0.3)")
+
+
+def test_a_bad_e2e_setting_is_one_line_and_exit_2(tmp_path, capsys):
+    import yaml
+
+    from milstudy.train.e2e_cli import main as e2e_main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"encoder": "tiny_cnn", "data": {"toy": {"n_slides": 8}}}))
+    assert e2e_main(["--config", str(path), "--set", "epochs=abc", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: bad E2E configuration: ") and "epochs" in err and len(err.splitlines()) == 1
+    assert e2e_main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config file {tmp_path / 'missing.yaml'} not found"
+    assert not (tmp_path / "o").exists()

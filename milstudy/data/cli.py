@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from milstudy.console import add_logging_flags, progress_disabled, report_slide_statuses
+from milstudy.provenance import atomic_write
 
 log = logging.getLogger("milstudy.data")
 
@@ -75,8 +76,8 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from milstudy.data.manifests import MPP_HINT
-    from milstudy.data.slides import SlideError, SlideResolutionError, open_slide
+    from milstudy.data.manifests import open_manifest_slide
+    from milstudy.data.slides import SlideError
     from milstudy.data.synthetic import instance_labels
     from milstudy.data.tiling import multiscale_grid, save_grid, tile_slide
     from milstudy.data.tissue import segment_tissue
@@ -95,10 +96,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         record = {"slide_id": slide_id, "path": path, "status": "ok", "n_patches": 0, "n_low": None,
                   "n_tumour": None, "message": ""}
         try:
-            try:
-                slide = open_slide(path, mpp=mpp)
-            except SlideResolutionError as err:
-                raise SlideResolutionError(str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)) from None
+            slide = open_manifest_slide(path, mpp)
             mask = segment_tissue(slide)
             if args.multiscale:
                 ms = multiscale_grid(slide, args.mpp, args.patch_size, args.low_factor, args.min_tissue, mask, slide_id=slide_id)
@@ -126,9 +124,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         records.append(record)
     summary = pd.DataFrame.from_records(records, columns=["slide_id", "path", "status", "n_patches", "n_low",
                                                           "n_tumour", "message"])
-    tmp = out / ".tiling_summary.csv.tmp"
-    summary.to_csv(tmp, index=False)
-    tmp.replace(out / "tiling_summary.csv")
+    atomic_write(out / "tiling_summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     headline = (f"tiled {int((summary['status'] == 'ok').sum())}/{len(summary)} slides, "
                 f"{int(summary['n_patches'].sum())} patches -> {out}")
     return report_slide_statuses(summary, headline, failing=("unreadable", "error"))
@@ -138,8 +134,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from milstudy.data.manifests import check_slides
 
     log.info("checking the slides of %s", args.manifest)
-    report = check_slides(args.manifest, args.slide_root, slide_mpp=args.slide_mpp,
-                          allow_outside_root=args.allow_outside_root)
+    report = check_slides(args.manifest, args.slide_root, progress=not progress_disabled(args),
+                          slide_mpp=args.slide_mpp, allow_outside_root=args.allow_outside_root)
     for _, row in report.iterrows():
         log.debug("%s: %s%s", row["slide_id"], row["status"], f" ({row['message']})" if row["message"] else "")
     n_ok = int((report["status"] == "ok").sum())
@@ -155,27 +151,33 @@ def _cmd_masks(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from milstudy.data.annotations import TUMOUR_LABEL, write_annotation_mask
-    from milstudy.data.manifests import load_manifest, resolve_paths
-    from milstudy.data.slides import SlideError, open_slide
+    from milstudy.data.manifests import (load_manifest, manifest_lines, open_manifest_slide, output_paths,
+                                         resolve_paths, row_mpp)
+    from milstudy.data.slides import SlideError
+    from milstudy.features import describe_error
 
-    frame = resolve_paths(load_manifest(args.manifest, require=("slide_id", "path")), args.slide_root)
+    frame = resolve_paths(load_manifest(args.manifest, require=("slide_id", "path")), args.slide_root,
+                          allow_outside_root=args.allow_outside_root, source=args.manifest)
     annotations, out = Path(args.annotations), Path(args.out)
     if not annotations.is_dir():
         print(f"error: --annotations {annotations} is not a folder of <slide_id>.xml files", file=sys.stderr)
         return 2
+    targets = output_paths([str(s) for s in frame["slide_id"]], out, ".png", args.manifest,
+                           manifest_lines(frame, args.manifest))  # refuses ids that leave --out or collide
     out.mkdir(parents=True, exist_ok=True)
     records, mask_paths = [], []
     log.info("%d slide(s), annotations from %s -> %s", len(frame), annotations, out)
-    for _, row in tqdm(frame.iterrows(), total=len(frame), desc="masks", unit="slide", disable=progress_disabled(args)):
+    rows = tqdm(zip(frame.iterrows(), targets), total=len(frame), desc="masks", unit="slide",
+                disable=progress_disabled(args))
+    for (_, row), target in rows:
         slide_id, xml = str(row["slide_id"]), annotations / f"{row['slide_id']}.xml"
         record = {"slide_id": slide_id, "path": str(row["path"]), "status": "ok", "tumour_px": 0, "message": ""}
-        target = out / f"{slide_id}.png"
         try:
             if not xml.is_file() and args.missing == "skip":
                 record["status"], record["message"] = "no annotation", "skipped (no mask_path)"
                 target = None
             else:
-                dimensions = open_slide(row["path"], mpp=args.slide_mpp).dimensions
+                dimensions = open_manifest_slide(row["path"], row_mpp(row, args.slide_mpp)).dimensions
                 source = xml if xml.is_file() else None
                 target, record["tumour_px"] = write_annotation_mask(source, dimensions, target, args.downsample)
                 if source is None:
@@ -184,15 +186,15 @@ def _cmd_masks(args: argparse.Namespace) -> int:
                     record["status"], record["message"] = "empty", f"{xml.name} has no tumour area inside the slide"
         except (SlideError, FileNotFoundError, ValueError) as err:
             record["status"], record["message"], target = "error", str(err), None
+        except Exception as err:  # noqa: BLE001 - MemoryError, a full disk...: record it, go on, write the summary
+            record["status"], record["message"], target = "error", describe_error(err), None
         log.debug("%s: %s, %d tumour px%s", slide_id, record["status"], record["tumour_px"],
                   f" ({record['message']})" if record["message"] else "")
         records.append(record)
         mask_paths.append(str(target.resolve()) if target is not None else "")
     frame = load_manifest(args.manifest, require=("slide_id", "path")).assign(
         mask_path=mask_paths, mask_downsample=float(args.downsample))
-    tmp = out / ".manifest.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(out / "manifest.csv")
+    atomic_write(out / "manifest.csv", lambda tmp: frame.to_csv(tmp, index=False))
     summary = pd.DataFrame.from_records(records)
     annotated = int((summary["tumour_px"] > 0).sum())
     headline = (f"{annotated}/{len(summary)} slides with tumour annotations (label {TUMOUR_LABEL} in the masks) "
@@ -248,6 +250,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--missing", choices=("empty", "skip"), default="empty",
                    help="slides without an annotation file: empty mask (default) or no mask")
     p.add_argument("--slide-mpp", type=float, default=None, help="µm/px of level 0 for slides without metadata")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept manifest paths that climb out of --slide-root with '..'")
     add_logging_flags(p)
     p.set_defaults(func=_cmd_masks)
 

@@ -315,6 +315,17 @@ def row_mpp(row: pd.Series, flag: float | None = None) -> float | None:
 MPP_HINT = "set the manifest 'mpp' column for this slide or pass --slide-mpp <µm per level-0 pixel>"
 
 
+def open_manifest_slide(path: str | os.PathLike, mpp: float | None = None):
+    """``open_slide(path, mpp=mpp)`` for a command that reads a manifest: an unknown resolution names the remedies
+    these commands offer (:data:`MPP_HINT`), not the Python argument."""
+    from milstudy.data.slides import SlideResolutionError, open_slide
+
+    try:
+        return open_slide(path, mpp=mpp)
+    except SlideResolutionError as err:
+        raise SlideResolutionError(str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)) from None
+
+
 # --------------------------------------------------------------------------------------- patient-level splits
 def _strata(df: pd.DataFrame, stratify: str | None) -> np.ndarray:
     if "case_id" not in df.columns:

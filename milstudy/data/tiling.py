@@ -287,21 +287,16 @@ def cached_multiscale_grid(
 
 
 def _save_multiscale(path: Path, grids: MultiScaleGrid) -> None:
-    import h5py
+    from milstudy.provenance import atomic_write_h5
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_group(f.create_group("main"), grids.main, {})
-            _write_group(f.create_group("low"), grids.low, {})
-            f.create_dataset("main_to_low", data=np.asarray(grids.main_to_low, np.int64))
-            f.attrs["low_factor"] = grids.low_factor
-            f.attrs["mask_params"] = json.dumps(grids.main.extra.get("mask_params", {}), default=str)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    def fill(f) -> None:
+        _write_group(f.create_group("main"), grids.main, {})
+        _write_group(f.create_group("low"), grids.low, {})
+        f.create_dataset("main_to_low", data=np.asarray(grids.main_to_low, np.int64))
+        f.attrs["low_factor"] = grids.low_factor
+        f.attrs["mask_params"] = json.dumps(grids.main.extra.get("mask_params", {}), default=str)
+
+    atomic_write_h5(path, fill)
 
 
 def _load_multiscale(path: Path) -> MultiScaleGrid:
@@ -321,22 +316,16 @@ def _load_multiscale(path: Path) -> MultiScaleGrid:
 
 def save_grid(path: str | os.PathLike, grid: PatchGrid, datasets: dict | None = None, low: PatchGrid | None = None) -> Path:
     """Write ``grid`` to HDF5 (``coords``, ``tissue_fraction`` + attributes; ``datasets`` adds e.g. instance
-    labels; ``low`` goes to group ``low/``). Atomic: temporary name, then rename."""
-    import h5py
+    labels; ``low`` goes to group ``low/``). Atomic (:func:`milstudy.provenance.atomic_write_h5`): a full disk is
+    one ``OSError(ENOSPC)`` naming ``path``."""
+    from milstudy.provenance import atomic_write_h5
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_group(f, grid, datasets or {})
-            if low is not None:
-                _write_group(f.create_group("low"), low, {})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    def fill(f) -> None:
+        _write_group(f, grid, datasets or {})
+        if low is not None:
+            _write_group(f.create_group("low"), low, {})
+
+    return atomic_write_h5(Path(path), fill)
 
 
 def coords_attributes(size_level0: int, patch_size: int, target_mpp: float) -> dict:

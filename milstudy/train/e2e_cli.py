@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         path = Path(args.config)
         if not path.is_file():
-            parser.error(f"config file {path} not found")
+            print(f"error: config file {path} not found", file=sys.stderr)
+            return 2
         spec = yaml.safe_load(path.read_text()) or {}
         if args.slide_root and isinstance(spec.get("data"), dict):
             spec["data"]["slide_root"] = args.slide_root
@@ -77,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = E2EConfig.from_dict(spec)
     except (TypeError, ValueError) as error:  # e.g. --set epochs=abc: name the field instead of a raw traceback
-        parser.error(f"bad E2E configuration: {error}")
+        print(f"error: bad E2E configuration: {error}", file=sys.stderr)
+        return 2
     try:
         return _run(config, data_spec, out_dir)
     except KeyboardInterrupt:

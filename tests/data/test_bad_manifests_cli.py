@@ -25,10 +25,13 @@ def root(tmp_path, tiny_slide):
     return root
 
 
-@pytest.mark.parametrize("command", [["data", "tile"], ["features", "extract", "--encoder", "tiny_cnn"]])
+@pytest.mark.parametrize("command", [["data", "tile"], ["features", "extract", "--encoder", "tiny_cnn"], ["data", "masks"]])
 def test_a_slide_id_that_climbs_out_of_the_output_folder_is_refused(tmp_path, root, capsys, command):
     manifest = _manifest(tmp_path, [{"slide_id": "../escaped", "path": "a.tiff", "label": 0}])
     out = tmp_path / "out"
+    if command == ["data", "masks"]:
+        (tmp_path / "xml").mkdir()
+        command = [*command, "--annotations", str(tmp_path / "xml")]
     code = main([*command, "--manifest", str(manifest), "--slide-root", str(root), "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "../escaped" in err and "line 2" in err
@@ -54,11 +57,41 @@ def test_one_slide_file_under_two_ids_is_reported_as_a_leak(tmp_path, root, caps
     assert code == 1 and "duplicate file" in out and "s2" in out and "'s1'" in out
 
 
+@pytest.mark.parametrize("command", [["data", "tile"], ["features", "extract", "--encoder", "tiny_cnn"], ["data", "masks"]])
+def test_a_manifest_path_that_climbs_out_of_the_root_is_refused_by_every_command(tmp_path, root, capsys, command):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(root / "a.tiff", outside / "x.tiff")
+    manifest = _manifest(tmp_path, [{"slide_id": "ok", "path": "a.tiff"}, {"slide_id": "x", "path": "../outside/x.tiff"}])
+    if command == ["data", "masks"]:
+        (tmp_path / "xml").mkdir()
+        command = [*command, "--annotations", str(tmp_path / "xml")]
+    out = tmp_path / "out"
+    code = main([*command, "--manifest", str(manifest), "--slide-root", str(root), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "line 3" in err and "--allow-outside-root" in err, err
+    assert not out.exists() or not list(out.iterdir())  # refused before anything is written
+
+
+def test_data_masks_reads_the_manifest_mpp_column_and_names_the_flag(tmp_path, noresolution_slide, capsys):
+    root = noresolution_slide.parent
+    (tmp_path / "xml").mkdir()
+    masks = ["data", "masks", "--annotations", str(tmp_path / "xml"), "--slide-root", str(root), "--quiet"]
+    without = _manifest(tmp_path, [{"slide_id": "n", "path": noresolution_slide.name}], "without.csv")
+    assert main([*masks, "--manifest", str(without), "--out", str(tmp_path / "m1")]) == 1
+    out = capsys.readouterr().out
+    assert "--slide-mpp" in out and "mpp=" not in out.replace("--slide-mpp", "")
+    with_mpp = _manifest(tmp_path, [{"slide_id": "n", "path": noresolution_slide.name, "mpp": 0.5}], "with.csv")
+    assert main([*masks, "--manifest", str(with_mpp), "--out", str(tmp_path / "m2")]) == 0
+    assert (tmp_path / "m2" / "n.png").is_file()
+
+
 def test_data_check_and_tile_read_the_manifest_mpp_column(tmp_path, noresolution_slide, capsys):
     root = noresolution_slide.parent
     without = _manifest(tmp_path, [{"slide_id": "n", "path": noresolution_slide.name}], "without.csv")
     assert main(["data", "check", "--manifest", str(without), "--slide-root", str(root), "--quiet"]) == 1
-    assert "mpp' column" in capsys.readouterr().out  # the hint names what the manifest can say
+    out = capsys.readouterr().out
+    assert "mpp' column" in out and "--slide-mpp" in out  # the hint names what the manifest can say and the flag
     with_mpp = _manifest(tmp_path, [{"slide_id": "n", "path": noresolution_slide.name, "mpp": 0.5}], "with.csv")
     assert main(["data", "check", "--manifest", str(with_mpp), "--slide-root", str(root), "--quiet"]) == 0
     out = tmp_path / "tiles"
@@ -99,3 +132,35 @@ def test_segmentation_refuses_an_implausibly_large_single_level_slide():
     with pytest.raises(SlideError, match="huge.tiff.*too large to segment"):
         check_segmentation_level(huge, 0)
     check_segmentation_level(SimpleNamespace(path="ok.tiff", level_dimensions=[(4000, 3000)]), 0)
+
+
+def test_a_full_disk_while_tiling_is_one_line_per_slide_and_keeps_the_finished_grids(tmp_path, root, monkeypatch,
+                                                                                    capsys):
+    """Item 4 / 7: ENOSPC writing the second grid (injected at the one plain write every grid goes through): that
+    slide is an error that says "disk full" and names its file, the first grid is intact, no temporary file or
+    traceback, the summary is written, exit 1."""
+    import errno
+
+    import milstudy.provenance as provenance
+
+    shutil.copy(root / "a.tiff", root / "b.tiff")
+    real = provenance.atomic_write_bytes
+
+    def full_for_b(path, data):
+        if path.name == "b.h5":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))  # as atomic_write raises it
+        return real(path, data)
+
+    clean = tmp_path / "clean"
+    slides = ["--slides", str(root / "a.tiff"), str(root / "b.tiff")]
+    assert main(["data", "tile", *slides, "--out", str(clean), "--quiet"]) == 0
+    monkeypatch.setattr(provenance, "atomic_write_bytes", full_for_b)
+    out = tmp_path / "tiles"
+    code = main(["data", "tile", *slides, "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    summary = pd.read_csv(out / "tiling_summary.csv").set_index("slide_id")
+    assert code == 1 and summary.loc["b", "status"] == "error"
+    assert summary.loc["b", "message"].startswith("disk full (ENOSPC) while writing: ")
+    assert summary.loc["b", "message"].split(": ", 1)[1].split(";")[0].endswith("/b.h5")
+    assert (out / "a.h5").read_bytes() == (clean / "a.h5").read_bytes() and not (out / "b.h5").exists()
+    assert not list(out.glob(".*tmp*")) and "Traceback" not in captured.err
