@@ -24,9 +24,12 @@ def test_preset_without_slide_root_is_refused(monkeypatch, capsys):
     (["--preset", "no_such_setting"], "invalid choice"),
 ])
 def test_bad_arguments_name_the_problem(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        main(argv)
-    assert message in capsys.readouterr().err
+    """Usage errors exit through argparse (code 2); a missing config file is one line and exit 2 as well."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2 and message in capsys.readouterr().err
 
 
 def test_set_and_out_override_the_config(tmp_path: Path, capsys):
