@@ -259,7 +259,13 @@ DYNAMICS_CLAIMS = [
      0.784, 0.729, "F1 (BRACS)", "Table 12"),
     ("The anchor raises ASMIL's AUC", "ASMIL", "ASMIL without anchor", "auc", "greater",
      0.916, 0.866, "AUC (BRACS)", "Table 12"),
+    ("NSF in the online model lowers macro-F1 (against a softmax online model, both with the NSF anchor)",
+     "ABMIL + anchor + NSF, NSF online", "ABMIL + anchor + NSF", "f1_macro", "less", None, None, "",
+     "Tables 4-7, S7 (online NSF loses more than 6 % F1 on BRACS)"),
 ]
+S7_VARIANTS = ("ABMIL + entmax-1.5 anchor", "ABMIL + anchor + NSF, NSF online",
+               "ABMIL + anchor + NSF, mixture online (Eq. 34)")
+S7_REFERENCE = "ABMIL + anchor + NSF"  # softmax online, NSF anchor target: what each S7 variant changes one thing of
 
 
 def _phases(per_slide: pd.DataFrame, method: str = "ABMIL") -> pd.DataFrame:
@@ -291,6 +297,28 @@ def dynamics_claims(result: Dynamics, methods: Sequence[str] | None = None, n_re
         metrics["instance_auroc"] = _mean_of("instance_auroc")
     return claims_table(claims, predictions=predictions, per_seed=per_seed, n_resamples=n_resamples, seed=seed,
                         metrics=metrics)
+
+
+def s7_table(result: Dynamics) -> pd.DataFrame:
+    """S7 (alternatives to NSF; spec §4.3): per S7 variant that ran and its reference (:data:`S7_REFERENCE`), mean
+    ± sd over seeds (ddof=1) of test macro-F1 and AUC, late JSD and entropy, training time per epoch and its ratio
+    to the reference's (paper: entmax +33 %), and the learnt Eq. 34 mixture weight alpha (paper: 0.989-0.996)."""
+    from milstudy.papers.grids import mean_std
+
+    names = [n for n in (S7_REFERENCE, *S7_VARIANTS) if n in set(result.runs["method"])]
+    if len(names) < 2 or names[0] != S7_REFERENCE:
+        raise ValueError(f"s7_table: needs {S7_REFERENCE!r} and at least one of {list(S7_VARIANTS)}; ran "
+                         f"{sorted(set(result.runs['method']))}")
+    frame = result.per_seed()
+    frame = frame[frame["method"].isin(names)].copy()
+    if "mixture_alpha" not in frame:
+        frame["mixture_alpha"] = np.nan
+    reference = frame[frame["method"] == S7_REFERENCE].set_index("seed")["train_s_per_epoch"]
+    frame["time_vs_reference"] = frame["train_s_per_epoch"] / frame["seed"].map(reference)
+    table = mean_std(frame, "method", ["test_f1_macro", "test_auc", "late_jsd", "late_entropy", "train_s_per_epoch",
+                                       "time_vs_reference", "mixture_alpha"])
+    table.loc[table["mixture_alpha_mean"].isna(), "mixture_alpha"] = ""
+    return table.set_index("method").loc[names].reset_index()
 
 
 def attention_logits_of(model: Any, bags: Sequence[Any]) -> dict[str, np.ndarray]:

@@ -121,8 +121,21 @@ def test_s7_variants_train_and_report_the_learnt_mixture_weight(data):
     config = TrainConfig(epochs=2, lr=1e-3, schedule="constant", warmup_epochs=0, device="cpu")
     names = ["ABMIL + entmax-1.5 anchor", "ABMIL + anchor + NSF, NSF online",
              "ABMIL + anchor + NSF, mixture online (Eq. 34)"]
-    out = A.run_dynamics(data, names, [0], config, n_tracked=2, small=True, progress=False)
-    runs = out.runs.set_index("method")
+    out = A.run_dynamics(data, names, [0, 1], config, n_tracked=2, small=True, progress=False)
+    runs = out.runs[out.runs["seed"] == 0].set_index("method")
     assert runs["test_auc"].between(0, 1).all()
     alpha = runs["mixture_alpha"]
     assert alpha[names[:2]].isna().all() and 0 < alpha[names[2]] < 1 and alpha[names[2]] != 0.5  # rho moved
+    with pytest.raises(ValueError, match="s7_table: needs"):
+        A.s7_table(out)  # no reference run
+    reference = A.run_dynamics(data, [A.S7_REFERENCE], [0, 1], config, n_tracked=2, small=True, progress=False)
+    both = A.Dynamics(*(pd.concat([getattr(reference, f), getattr(out, f)], ignore_index=True)
+                        for f in ("runs", "predictions", "stability", "history", "localization")))
+    table = A.s7_table(both).set_index("method")
+    assert list(table.index) == [A.S7_REFERENCE, *names]
+    assert table.loc[A.S7_REFERENCE, "time_vs_reference_mean"] == pytest.approx(1.0)
+    both_alphas = out.runs.loc[out.runs["method"] == names[2], "mixture_alpha"]
+    assert table.loc[names[2], "mixture_alpha_mean"] == pytest.approx(both_alphas.mean())
+    assert table.loc[names[0], "mixture_alpha"] == ""
+    claims = A.dynamics_claims(both, n_resamples=200)
+    assert "NSF in the online model lowers macro-F1" in " ".join(claims["claim"])
