@@ -164,3 +164,37 @@ def test_a_full_disk_while_tiling_is_one_line_per_slide_and_keeps_the_finished_g
     assert summary.loc["b", "message"].split(": ", 1)[1].split(";")[0].endswith("/b.h5")
     assert (out / "a.h5").read_bytes() == (clean / "a.h5").read_bytes() and not (out / "b.h5").exists()
     assert not list(out.glob(".*tmp*")) and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("command", ["data check", "data tile", "data masks", "features extract", "train"])
+def test_a_header_only_manifest_is_one_line_naming_the_file_and_exit_2_in_every_command(tmp_path, root, capsys,
+                                                                                        command):
+    """Audit item 1: a manifest with a header and no rows is bad input in every manifest command: exit 2, one line
+    on stderr naming the file, nothing on stdout, nothing written to --out (an empty run is never a result)."""
+    import h5py
+    import numpy as np
+
+    manifest = tmp_path / "empty.csv"
+    manifest.write_text("slide_id,path,label\n")
+    out = tmp_path / "out"
+    features = tmp_path / "features"  # train needs a feature folder with a bag to get as far as the manifest
+    features.mkdir()
+    with h5py.File(features / "a.h5", "w") as handle:
+        handle.create_dataset("features", data=np.ones((3, 4), np.float32))
+        handle.create_dataset("coords", data=np.zeros((3, 2), np.int64))
+    (tmp_path / "xml").mkdir()
+    args = {"data check": ["data", "check", "--slide-root", str(root)],
+            "data tile": ["data", "tile", "--slide-root", str(root), "--out", str(out)],
+            "data masks": ["data", "masks", "--slide-root", str(root), "--annotations", str(tmp_path / "xml"),
+                           "--out", str(out)],
+            "features extract": ["features", "extract", "--encoder", "tiny_cnn", "--slide-root", str(root),
+                                 "--out", str(out)],
+            "train": ["train", "--features", str(features), "--model", "abmil", "--folds", "2", "--out", str(out)],
+            }[command]
+    code = main([*args, "--manifest", str(manifest), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.err.strip() == f"error: {manifest}: the manifest has a header (slide_id, path, label) but no " \
+                                   "slide rows", captured.err
+    assert captured.out == ""
+    assert not out.exists() or not list(out.rglob("*"))
