@@ -112,6 +112,44 @@ def test_validate_bags_names_slide_and_file_before_training(tmp_path, monkeypatc
         validate_bags(BagListDataset([Bag(features=nan, slide_id="m", target=0)]))
 
 
+def test_validate_bags_refuses_a_bag_whose_coords_or_instance_labels_miss_rows(tmp_path, monkeypatch):
+    """Audit item 8: a "short" bag (coords or instance_labels with fewer rows than features) is refused by
+    validate_bags itself, naming slide, file and both counts, in our HDF5 layout, in torchmil's .npy layout and in
+    memory, instead of passing validation and failing when the bag is first read; consistent bags pass."""
+    monkeypatch.setenv("MILSTUDY_CACHE", str(tmp_path / "cache"))
+    h5 = tmp_path / "h5"
+    h5.mkdir()
+    _bag(h5 / "ok.h5", np.ones((4, 3), np.float32))
+    with h5py.File(h5 / "short.h5", "w") as handle:
+        handle.create_dataset("features", data=np.ones((5, 3), np.float32))
+        handle.create_dataset("coords", data=np.zeros((4, 2), np.int64))
+    with h5py.File(h5 / "labels.h5", "w") as handle:
+        handle.create_dataset("features", data=np.ones((5, 3), np.float32))
+        handle.create_dataset("coords", data=np.zeros((5, 2), np.int64))
+        handle.create_dataset("instance_labels", data=np.zeros(2, np.int64))
+    manifest = pd.DataFrame({"slide_id": ["ok", "short", "labels"], "label": [0, 1, 0]})
+    with pytest.raises(BagError) as refused:
+        validate_bags(BagDataset(manifest, h5))
+    assert str(refused.value) == (f"2 unusable bag(s): slide 'short' ({h5 / 'short.h5'}): 'coords' has 4 rows but "
+                                  f"'features' has 5; re-extract the slide; slide 'labels' ({h5 / 'labels.h5'}): "
+                                  "'instance_labels' has 2 rows but 'features' has 5; re-extract the slide")
+    validate_bags(BagDataset(manifest.iloc[:1], h5))
+    torchmil = tmp_path / "torchmil"
+    for folder in ("features", "coords"):
+        (torchmil / folder).mkdir(parents=True)
+    for sid, n_coords in (("a", 3), ("b", 2)):
+        np.save(torchmil / "features" / f"{sid}.npy", np.ones((3, 4), np.float32))
+        np.save(torchmil / "coords" / f"{sid}.npy", np.zeros((n_coords, 2), np.int64))
+    npy_manifest = pd.DataFrame({"slide_id": ["a", "b"], "label": [0, 1]})
+    validate_bags(BagDataset(npy_manifest.iloc[:1], torchmil / "features"))  # a consistent .npy bag passes
+    with pytest.raises(BagError, match=r"1 unusable bag\(s\): slide 'b' \(.*b\.npy\): 'coords' has 2 rows but "
+                                       r"'features' has 3"):
+        validate_bags(BagDataset(npy_manifest, torchmil / "features"))
+    short = Bag(features=torch.ones(3, 2), slide_id="m", target=0, coords=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(BagError, match=r"slide 'm' \(in memory\): 'coords' has 2 rows but 'features' has 3"):
+        validate_bags(BagListDataset([short]))
+
+
 # ------------------------------------------------------------------- killed extraction, full disk (items 7, 10)
 def _slides(root: Path, n: int = 4) -> pd.DataFrame:
     """``n`` small tissue slides (a pink disc on glass, 2 µm/px) and their manifest."""

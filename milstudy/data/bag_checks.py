@@ -1,6 +1,6 @@
 """Bag validation before training (project issue 11, item 5): every bag readable, finite (no NaN/inf), shaped
-``[N, D]``; feature files are scanned in chunks and the verdict cached per file identity (path, size, mtime), so
-the check is cheap on reruns. A broken bag stops a run before its first epoch, naming the slide and file."""
+``[N, D]``, with one ``coords`` / ``instance_labels`` row per instance; feature files are scanned in chunks and
+the verdict cached per file identity (path, size, mtime), so the check is cheap on reruns. A broken bag stops a run before its first epoch, naming the slide and file."""
 
 from __future__ import annotations
 
@@ -14,21 +14,40 @@ from torch.utils.data import Dataset
 from milstudy.data.bags import BagDataset, BagError, _load_pt, _squeeze_leading, read_feature_shape
 
 _VALID_BAGS: dict[tuple, str] = {}  # (resolved path, size, mtime_ns) -> "" (finite) or the problem, this process
-BAG_CHECK_VERSION = 1
+BAG_CHECK_VERSION = 2  # 2: coords / instance_labels lengths checked (a v1 marker may vouch for a short bag)
+
+
+def _rows(shape: tuple[int, ...], ndim: int) -> int:
+    """Rows of an array of ``shape`` once leading singleton dimensions are dropped down to ``ndim`` (TRIDENT)."""
+    while len(shape) > ndim and shape[0] == 1:
+        shape = shape[1:]
+    return int(shape[0]) if shape else 0
 
 
 def _bag_file_problem(path: Path, chunk_rows: int = 65536) -> str:
-    """"" if every feature of ``path`` is finite and the file reads, else a short description."""
+    """"" if every feature of ``path`` is finite, the file reads and its ``coords`` / ``instance_labels`` have one
+    row per instance, else a short description."""
+    lengths: dict[str, int] = {}
     try:
-        if path.suffix == ".pt":
-            features = _load_pt(path)
+        if path.suffix in (".pt", ".npy"):
+            if path.suffix == ".pt":
+                features = _load_pt(path)
+            else:
+                from milstudy.data.torchmil_layout import read_npy_bag
+
+                bag = read_npy_bag(path)
+                features = bag["features"]
+                lengths = {k: len(bag[k]) for k in ("coords", "instance_labels") if bag[k] is not None}
+            n_rows = int(features.shape[0]) if features.ndim else 0
             bad = np.unique(np.nonzero(~np.isfinite(features.astype(np.float32, copy=False)))[0])
         else:
             import h5py
 
-            read_feature_shape(path)
+            n_rows = read_feature_shape(path)[0]
             bad = []
             with h5py.File(path, "r") as handle:
+                lengths = {k: _rows(handle[k].shape, n) for k, n in (("coords", 2), ("instance_labels", 1))
+                           if k in handle}
                 data = handle["features"]
                 data = data if data.ndim == 2 else None
                 if data is None:  # [1, N, D] (TRIDENT): small enough to squeeze in memory
@@ -45,6 +64,9 @@ def _bag_file_problem(path: Path, chunk_rows: int = 65536) -> str:
     if len(bad):
         return (f"{len(bad)} instance(s) have NaN/inf features (first rows {list(bad[:5])}); re-extract the slide "
                 "or drop it from the manifest")
+    for key, rows in lengths.items():
+        if rows != n_rows:
+            return f"'{key}' has {rows} rows but 'features' has {n_rows}; re-extract the slide"
     return ""
 
 
@@ -112,6 +134,11 @@ def validate_bags(dataset: Dataset, use_cache: bool = True) -> None:
                 rows = torch.nonzero(~torch.isfinite(features).all(dim=1)).flatten()
                 problems.append(f"slide '{bag.slide_id}' (in memory): {len(rows)} instance(s) have NaN/inf features "
                                 f"(first rows {rows[:5].tolist()})")
+            else:
+                problems.extend(f"slide '{bag.slide_id}' (in memory): '{key}' has {len(value)} rows but 'features' "
+                                f"has {len(features)}" for key, value in (("coords", bag.coords),
+                                                                          ("instance_labels", bag.instance_labels))
+                                if value is not None and len(value) != len(features))
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise BagError(f"{len(problems)} unusable bag(s): " + "; ".join(problems[:5]) + more)
