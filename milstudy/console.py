@@ -42,6 +42,27 @@ def report_slide_statuses(
     return 1 if len(fails) else 0
 
 
+def torch_load_refusal(err: BaseException, what: str) -> str:
+    """One line (no ANSI colour codes) for a ``torch.load(weights_only=True)`` that refused or failed on ``what``.
+
+    A pickle that holds objects other than tensors, numbers and containers (unpickling it could run code) is "not a
+    safe weights_only checkpoint" with torch's own reason (the global it refused); any other error is "not a
+    readable torch checkpoint" with its first line.
+    """
+    import pickle
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line]
+    if isinstance(err, pickle.UnpicklingError):
+        marker = "WeightsUnpickler error: "
+        reason = next((line[len(marker):] for line in lines if line.startswith(marker)), lines[0] if lines else "")
+        reason = reason.split(". Please use")[0].rstrip(".")  # torch's advice is how to load it unsafely
+        return (f"{what} is not a safe weights_only checkpoint ({reason}); refused because unpickling it "
+                "could run code; save plain tensors (a state dict or safetensors)")
+    return f"{what} is not a readable torch checkpoint ({type(err).__name__}: {lines[0] if lines else ''})"
+
+
 # ------------------------------------------------------------------------------------------------ logging
 @contextmanager
 def command_logging(quiet: bool = False, verbose: bool = False) -> Iterator[None]:

@@ -442,3 +442,57 @@ def test_a_bad_e2e_setting_is_one_line_and_exit_2(tmp_path, capsys):
     assert e2e_main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: config file {tmp_path / 'missing.yaml'} not found"
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ audit item 6: unsafe pickles
+class _OpensAFile:
+    """Unpickles as ``open(marker, "w")``: harmless, but it runs, and the marker file shows that it ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _unsafe_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _OpensAFile(marker)}, path)
+    return path
+
+
+def test_the_unsafe_pickle_payload_would_run_when_loaded_unsafely(tmp_path):
+    """The payload of the next test is live: a plain (not weights_only) load runs it."""
+    marker = tmp_path / "ran"
+    torch.load(_unsafe_checkpoint(tmp_path / "x.pt", marker), weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["features extract --weights", "eval --checkpoint"])
+def test_an_unsafe_pickle_as_weights_or_checkpoint_is_refused_and_never_runs(tmp_path, capsys, command):
+    """Audit item 6: a .pt whose unpickling would call a function, given as encoder weights or as a two-stage
+    checkpoint, is refused: exit 2, one line (no ANSI colour codes from torch) saying it is not a safe weights_only
+    checkpoint and naming the global torch refused; the payload never ran and nothing is written to --out."""
+    marker = tmp_path / "ran"
+    evil = _unsafe_checkpoint(tmp_path / "evil.pt", marker)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides, n=1)
+    features = tmp_path / "features"
+    features.mkdir()
+    _bag(features / "s0.h5", np.ones((4, 64), np.float32))
+    out = tmp_path / "out"
+    if command.startswith("features"):
+        args = ["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides),
+                *EXTRACT, "--weights", str(evil)]
+        what = f"weights file {evil}"
+    else:
+        args = ["eval", "--checkpoint", str(evil), "--manifest", str(slides / "manifest.csv"), "--features",
+                str(features), "--device", "cpu"]
+        what = f"--checkpoint {evil}"
+    code = main([*args, "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "\x1b" not in err, repr(err)
+    assert err.startswith(f"error: {what} is not a safe weights_only checkpoint (") and "io.open" in err, err
+    assert not marker.exists(), "the pickled call ran"
+    assert not out.exists() or not list(out.rglob("*"))

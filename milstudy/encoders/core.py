@@ -158,8 +158,9 @@ def read_checkpoint(path: str | os.PathLike, weights_key: str | None = None) -> 
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors of foreign objects, corrupt files
-            raise ValueError(f"weights file {path} cannot be read as a safe (weights_only) torch checkpoint: "
-                             f"{str(err).splitlines()[0]}") from err
+            from milstudy.console import torch_load_refusal
+
+            raise ValueError(torch_load_refusal(err, f"weights file {path}")) from err
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path} does not hold a state dict (got {type(state).__name__})")
     if weights_key is not None:

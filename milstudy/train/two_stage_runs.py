@@ -103,7 +103,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is bad input here
-        raise ValueError(f"--checkpoint {path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        from milstudy.console import torch_load_refusal
+
+        raise ValueError(torch_load_refusal(err, f"--checkpoint {path}")) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"--checkpoint {path}: not a `milstudy train` checkpoint (format {CHECKPOINT_FORMAT})")
     return payload
