@@ -496,3 +496,168 @@ def test_an_unsafe_pickle_as_weights_or_checkpoint_is_refused_and_never_runs(tmp
     assert err.startswith(f"error: {what} is not a safe weights_only checkpoint (") and "io.open" in err, err
     assert not marker.exists(), "the pickled call ran"
     assert not out.exists() or not list(out.rglob("*"))
+
+
+# ---------------------------------------------------- audit items 2 and 4: a zero-byte slide, the summary's order
+def _per_slide(command: str, slides: Path, manifest: Path, out: Path) -> int:
+    """`features extract` (tiny_cnn) or `data tile` over ``manifest``, quiet."""
+    if command == "features extract":
+        args = ["features", "extract", *EXTRACT]
+    else:
+        args = ["data", "tile"]
+    return main([*args, "--manifest", str(manifest), "--slide-root", str(slides), "--out", str(out), "--quiet"])
+
+
+@pytest.mark.parametrize("command", ["features extract", "data tile"])
+def test_a_zero_byte_slide_is_a_per_slide_error_and_keeps_the_other_outputs(tmp_path, capsys, command):
+    """Audit item 2: a zero-byte slide file (a copy that never finished) is one slide's error, exit 1, named in the
+    summary file and listed under the headline; the other slide's output is byte-identical to a clean run's; rerun
+    over a finished folder after the slide became zero bytes, its finished output is kept unchanged too."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides, n=2)
+    manifest = slides / "manifest.csv"
+    assert _per_slide(command, slides, manifest, tmp_path / "clean") == 0
+    clean = _digest(tmp_path / "clean")
+    assert set(clean) == {"s0.h5", "s1.h5"}
+    capsys.readouterr()
+    (slides / "s1.tiff").write_bytes(b"")
+    out = tmp_path / "out"
+    assert _per_slide(command, slides, manifest, out) == 1
+    printed = capsys.readouterr().out.splitlines()
+    status = "error" if command == "features extract" else "unreadable"
+    summary = pd.read_csv(out / ("extraction_summary.csv" if command == "features extract" else "tiling_summary.csv"))
+    summary = summary.set_index("slide_id")
+    assert summary.loc["s1", "status"] == status and str(slides / "s1.tiff") in summary.loc["s1", "message"]
+    assert summary.loc["s0", "status"] in ("done", "ok")
+    assert _digest(out) == {"s0.h5": clean["s0.h5"]}  # the good slide's output as a clean run's, no s1 output
+    assert len(printed) == 2 and printed[1].startswith(f"  {status}: s1") and str(slides / "s1.tiff") in printed[1]
+    assert not list(out.glob(".*tmp*"))
+    assert _per_slide(command, slides, manifest, tmp_path / "clean") == 1  # a finished folder, s1 now zero bytes
+    assert _digest(tmp_path / "clean") == clean
+
+
+@pytest.mark.parametrize("command", ["features extract", "data tile"])
+def test_the_summary_lists_failures_first_then_other_problems_and_only_counts_done_slides(tmp_path, capsys,
+                                                                                         command):
+    """Audit item 4: manifest order ok, ok, glass (no tissue), zero-byte: stdout is the headline (the done slides
+    only as a count), the failing slide, then the non-failing problem; no line for a done slide."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides, n=2)
+    write_pyramidal_tiff(slides / "glass.tiff", np.full((512, 512, 3), 245, np.uint8), mpp=2.0, compression="zlib")
+    (slides / "zero.tiff").write_bytes(b"")
+    manifest = slides / "order.csv"
+    pd.DataFrame({"slide_id": ["s0", "s1", "glass", "zero"],
+                  "path": ["s0.tiff", "s1.tiff", "glass.tiff", "zero.tiff"]}).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    assert _per_slide(command, slides, manifest, out) == 1
+    printed = capsys.readouterr().out.splitlines()
+    if command == "features extract":
+        headline, failing = f"4 slides: done 2, empty 1, error 1 -> {out}", "  error: zero: "
+    else:
+        headline, failing = f"tiled 2/4 slides, ", f"  unreadable: zero ({slides / 'zero.tiff'}): "
+    assert len(printed) == 3, printed
+    assert printed[0].startswith(headline) and printed[0].endswith(f"-> {out}"), printed
+    assert printed[1].startswith(failing) and "not a slide OpenSlide can read" in printed[1], printed
+    assert printed[2].startswith("  empty: glass") and "no tissue patches" in printed[2], printed
+
+
+# ------------------------------------------------------------------- audit item 3: a broken bag through `train`
+@pytest.mark.parametrize("fault", ["nan", "inf", "short coords"])
+def test_a_broken_bag_stops_milstudy_train_before_training_and_writes_nothing(tmp_path, monkeypatch, capsys, fault):
+    """Audit item 3: a NaN, an inf or a coords dataset one row short in one of eight bags (not the first): the
+    train command stops before the first epoch with one line naming the slide and its file, exit 2 (a broken bag
+    is bad input: BagError is a ValueError, cli.report_error), and --out is never created."""
+    monkeypatch.setenv("MILSTUDY_CACHE", str(tmp_path / "cache"))
+    features = tmp_path / "features"
+    features.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        x = rng.normal(size=(5, 4)).astype(np.float32)
+        n_coords = 5
+        if i == 5:
+            if fault == "short coords":
+                n_coords = 4
+            else:
+                x[3, 1] = np.nan if fault == "nan" else np.inf
+        with h5py.File(features / f"s{i}.h5", "w") as handle:
+            handle.create_dataset("features", data=x)
+            handle.create_dataset("coords", data=np.zeros((n_coords, 2), np.int64))
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"slide_id": [f"s{i}" for i in range(8)], "case_id": [f"c{i}" for i in range(8)],
+                  "label": [i % 2 for i in range(8)]}).to_csv(manifest, index=False)
+    import milstudy.train.two_stage as two_stage
+
+    fits = []  # the training loop: it must never start
+    real_fit = two_stage.fit
+    monkeypatch.setattr(two_stage, "fit", lambda *args, **kwargs: fits.append(1) or real_fit(*args, **kwargs))
+    out = tmp_path / "out"
+    code = main(["train", "--manifest", str(manifest), "--features", str(features), "--model", "abmil", "--folds",
+                 "2", "--epochs", "1", "--device", "cpu", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    problem = ("'coords' has 4 rows but 'features' has 5" if fault == "short coords"
+               else "1 instance(s) have NaN/inf features (first rows [3])")
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: slide 's5' ({features / 's5.h5'}): {problem}"), err
+    assert not out.exists() and not fits
+
+
+# --------------------------------------------------------------------- audit item 5: --debug shows the traceback
+def test_debug_shows_the_traceback_of_a_bad_input_error_and_nothing_else_does(tmp_path):
+    """Audit item 5: `milstudy data check --manifest missing.csv --quiet` is one line and exit 2; with --debug
+    before the command or after its options the same error ends a Python traceback."""
+    missing = tmp_path / "missing.csv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "milstudy.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    plain = run("data", "check", "--manifest", str(missing), "--quiet")
+    assert plain.returncode == 2 and plain.stderr.strip() == f"error: manifest {missing} does not exist", plain.stderr
+    assert "Traceback" not in plain.stderr
+    for debug in (run("--debug", "data", "check", "--manifest", str(missing), "--quiet"),
+                  run("data", "check", "--manifest", str(missing), "--quiet", "--debug")):
+        assert debug.returncode == 1 and debug.stderr.startswith("Traceback (most recent call last):"), debug.stderr
+        assert debug.stderr.strip().splitlines()[-1] == f"FileNotFoundError: manifest {missing} does not exist"
+
+
+# ------------------------------------------------------------------------- audit item 7: no network is needed
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every outgoing connection and name lookup raises (and the block is checked to hold)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    with pytest.raises(OSError, match="offline test"):
+        socket.create_connection(("example.org", 443), timeout=1)
+    with socket.socket() as sock, pytest.raises(OSError, match="offline test"):
+        sock.connect(("127.0.0.1", 9))
+
+
+def test_extraction_and_every_encoder_without_weights_work_offline(tmp_path, no_network):
+    """Audit item 7: with sockets blocked, `features extract` (tiny_cnn) on a small slide succeeds, and every
+    registered encoder builds without a weights file (random init, nothing fetched from a hub); the three presets
+    over 300M parameters (uni, virchow, h_optimus_0) are left out for time: they take the same
+    build_timm_encoder(pretrained=False) path as the presets h0_mini and ctranspath_like built here."""
+    from milstudy.encoders import build_encoder, list_encoders
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _slides(slides, n=1)
+    out = tmp_path / "out"
+    assert main(["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides),
+                 *EXTRACT, "--out", str(out), "--quiet"]) == 0
+    assert pd.read_csv(out / "extraction_summary.csv")["status"].tolist() == ["done"] and (out / "s0.h5").is_file()
+    names = [name for name in list_encoders() if name not in ("uni", "virchow", "h_optimus_0")]
+    assert {"tiny_cnn", "resnet18_trunc", "vit_small_patch16", "h0_mini", "ctranspath_like"} <= set(names)
+    for name in names:
+        encoder = build_encoder(name, **({"in_dim": 8} if name == "descriptor_mlp" else {}))
+        assert encoder.weight_hash == "random-init-seed0", name
