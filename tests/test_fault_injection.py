@@ -181,12 +181,16 @@ def _datasets(folder: Path) -> dict[str, tuple]:
 
 def test_sigkilled_extraction_resumes_to_the_same_bags(tmp_path):
     """SIGKILL `milstudy features extract` once its first bag is written: the finished bags stay, no partial file
-    is taken for a bag, and the rerun skips the finished slides and gives the bags of an uninterrupted run."""
+    is taken for a bag, and the rerun (exit 0) skips the finished slides and gives the bags of an uninterrupted run,
+    byte for byte (two clean runs write byte-identical bags: checked first)."""
     slides = tmp_path / "slides"
     slides.mkdir()
     _slides(slides)
     args = ["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides), *EXTRACT]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    assert main([*args, "--out", str(tmp_path / "clean2")]) == 0
+    clean = _digest(tmp_path / "clean")
+    assert len(clean) == 4 and _digest(tmp_path / "clean2") == clean  # the file digests are a fair comparison
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "milstudy.cli", *args, "--out", str(killed)], env=env,
@@ -198,21 +202,28 @@ def test_sigkilled_extraction_resumes_to_the_same_bags(tmp_path):
     process.wait()
     finished = set(p.name for p in killed.glob("s*.h5"))
     assert finished and len(finished) < 4, "kill after the first bag, before the last"
+    before = _digest(killed)
+    assert all(before[name] == clean[name] for name in finished)  # what the killed run finished is whole
     assert main([*args, "--out", str(killed)]) == 0
     summary = pd.read_csv(killed / "extraction_summary.csv").set_index("slide_id")["status"]
     assert {f"{sid}.h5" for sid, status in summary.items() if status == "skipped"} == finished
     assert _datasets(killed) == _datasets(tmp_path / "clean")
+    assert _digest(killed) == clean
     assert not list(killed.glob(".*.tmp"))
 
 
 def test_full_disk_during_extraction_is_recorded_and_keeps_finished_bags(tmp_path, monkeypatch, capsys):
     """ENOSPC while writing the second bag (injected: no tmpfs can be mounted here): that slide is an error
-    that says "disk full", the first bag is intact, no temporary file is left, the command exits 1."""
+    that says "disk full", the first bag is intact (byte-identical to a clean run's), no temporary file is left,
+    the command exits 1; the rerun with room exits 0, skips the first bag and ends with a clean run's bags."""
     import milstudy.features as features
 
     slides = tmp_path / "slides"
     slides.mkdir()
     _slides(slides, n=2)
+    args = ["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides), *EXTRACT]
+    assert main([*args, "--out", str(tmp_path / "clean"), "--quiet"]) == 0
+    clean = _digest(tmp_path / "clean")
     real_write = features._write_bag
 
     def write_or_fail(path, *args, **kwargs):
@@ -222,8 +233,8 @@ def test_full_disk_during_extraction_is_recorded_and_keeps_finished_bags(tmp_pat
 
     monkeypatch.setattr(features, "_write_bag", write_or_fail)
     out = tmp_path / "out"
-    code = main(["features", "extract", "--manifest", str(slides / "manifest.csv"), "--slide-root", str(slides),
-                 *EXTRACT, "--out", str(out)])
+    capsys.readouterr()
+    code = main([*args, "--out", str(out)])
     assert code == 1
     summary = pd.read_csv(out / "extraction_summary.csv").set_index("slide_id")
     assert summary.loc["s0", "status"] == "done" and summary.loc["s1", "status"] == "error"
@@ -231,6 +242,11 @@ def test_full_disk_during_extraction_is_recorded_and_keeps_finished_bags(tmp_pat
     assert "disk full" in capsys.readouterr().out
     assert BagDataset(pd.DataFrame({"slide_id": ["s0"], "label": [0]}), out)[0].features.shape[1] == 64
     assert not list(out.glob(".*tmp*")) and not (out / "s1.h5").exists()
+    assert _digest(out) == {"s0.h5": clean["s0.h5"]}
+    monkeypatch.setattr(features, "_write_bag", real_write)  # room again
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    summary = pd.read_csv(out / "extraction_summary.csv").set_index("slide_id")["status"]
+    assert summary.to_dict() == {"s0": "skipped", "s1": "done"} and _digest(out) == clean
 
 
 @pytest.fixture
@@ -268,6 +284,9 @@ def test_full_disk_on_a_real_tmpfs_keeps_finished_bags(tmp_path, small_tmpfs, ca
     assert 1 <= len(finished) < 4, "the tmpfs must fill after the first bag and before the last"
     roomy = _datasets(tmp_path / "roomy")
     assert all(finished[name] == roomy[name] for name in finished)
+    roomy_digest, finished_digest = _digest(tmp_path / "roomy"), _digest(small_tmpfs)
+    assert finished_digest.keys() == finished.keys()
+    assert all(digest == roomy_digest[name] for name, digest in finished_digest.items())  # whole files, not just data
     assert not list(small_tmpfs.glob(".*tmp*"))
     reported = [line for line in out.splitlines() if "disk full" in line]
     assert reported and all(line.strip().startswith("error: s") and line.rstrip().endswith("(finished slides are kept)")
@@ -281,7 +300,7 @@ def test_full_disk_on_a_real_tmpfs_keeps_finished_bags(tmp_path, small_tmpfs, ca
         assert len(failed) == 4 - len(finished) and failed["message"].str.contains("disk full").all()
     subprocess.run(["mount", "-o", "remount,size=1m", str(small_tmpfs)], check=True, capture_output=True)
     assert main([*args, "--out", str(small_tmpfs)]) == 0
-    assert _datasets(small_tmpfs) == roomy
+    assert _datasets(small_tmpfs) == roomy and _digest(small_tmpfs) == roomy_digest
     summary = pd.read_csv(small_tmpfs / "extraction_summary.csv").set_index("slide_id")["status"]
     assert {f"{sid}.h5" for sid, status in summary.items() if status == "skipped"} == set(finished)
 
