@@ -24,6 +24,14 @@ by ``milstudy bench local-attention`` (``results/benchmarks/local_attention.md``
 
 ``full_attention_2d_alibi``: exact query-chunked full attention with the unclipped Euclidean ALiBi computed per
 chunk (time O(N^2 d), memory O(chunk * N)). ``dense_local_attention_2d``: the N x N oracle, for tests only.
+
+Variants of the released code (spec §3; LongMIL ``preset="upstream"``), all computed per chunk, never as a table:
+``distance="floor"`` uses ``floor(D_ij)`` in the bias (§3.3, all three functions); ``radius=`` with ``beyond=[h]``
+in ``full_attention_2d_alibi`` (and the oracle) replaces the bias beyond r by a per-head constant (-inf masks
+that head; a finite value keeps every key: §3.2 soft masks, §3.3 clipped ALiBi), so a head with a soft mask costs
+O(N^2) time (memory still O(chunk * N)); ``dropout=p`` drops softmax weights (kept ones scaled 1/(1-p), §3.5) in
+both kernels, the mask of each chunk drawn from ``dropout_seed`` + chunk index (default: a seed from torch's
+global RNG) and regenerated in backward, so nothing N x N is stored.
 Padding tokens (``mask`` False) are neither queries nor keys; their output rows and gradients are 0.
 Slopes are treated as constants (no gradient). The CUDA FlexAttention path is not implemented yet; every device
 runs the tiled PyTorch path (tested on CPU only).
@@ -80,27 +88,87 @@ def _check(q, k, v, coords, mask, slopes, radius=None):
     return coords, mask, slopes
 
 
-def _bias(d2: torch.Tensor, slopes: Optional[torch.Tensor], r2: Optional[int], dtype) -> torch.Tensor:
-    """[.., Q, K] integer squared distances -> [h or 1, .., Q, K] bias: -m_h sqrt(d2), -inf where d2 > r2."""
+DISTANCES = ("euclidean", "floor")
+
+
+def _check_variant(h: int, q: torch.Tensor, distance: str, radius=None, beyond=None, dropout: float = 0.0,
+                   dropout_seed: Optional[int] = None) -> tuple[Optional[torch.Tensor], Optional["_Dropout"]]:
+    """Validate the spec §3 variant options; returns (beyond [h] or None, the dropout or None)."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}")
+    if beyond is not None:
+        if radius is None:
+            raise ValueError("beyond (the bias beyond the radius) needs a radius")
+        beyond = torch.as_tensor(beyond, dtype=q.dtype, device=q.device).detach()
+        if beyond.shape != (h,) or bool(torch.any(torch.isnan(beyond) | (beyond == float("inf")))):
+            raise ValueError(f"beyond must be [h] = [{h}] values, finite or -inf; got {beyond.tolist()}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)
+                                     or not 0 <= dropout_seed < 2 ** 62):
+        raise ValueError(f"dropout_seed must be an int in [0, 2^62) or None; got {dropout_seed!r}")
+    if dropout == 0:
+        return beyond, None
+    seed = int(torch.randint(0, 2 ** 62, (1,))) if dropout_seed is None else dropout_seed
+    return beyond, _Dropout(float(dropout), seed)
+
+
+def _bias(d2: torch.Tensor, slopes: Optional[torch.Tensor], r2: Optional[int], dtype, distance: str = "euclidean",
+          beyond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[.., Q, K] integer squared distances -> [h or 1, .., Q, K] bias: -m_h D with D = sqrt(d2) (``"floor"``:
+    floor(sqrt(d2)), exact in float64); where d2 > r2: -inf, or the per-head ``beyond [h]`` when given."""
     if slopes is None:
         bias = torch.zeros(d2.shape, dtype=dtype, device=d2.device).unsqueeze(0)
     else:
-        dist = d2.to(dtype).sqrt_()
+        dist = d2.to(dtype).sqrt_() if distance == "euclidean" else d2.to(torch.float64).sqrt_().floor_().to(dtype)
         bias = dist.unsqueeze(0) * (-slopes).view(-1, *([1] * d2.dim()))
     if r2 is not None:
-        bias = bias.masked_fill((d2 > r2).unsqueeze(0), float("-inf"))
+        if beyond is None:
+            bias = bias.masked_fill((d2 > r2).unsqueeze(0), float("-inf"))
+        else:
+            bias = torch.where((d2 > r2).unsqueeze(0), beyond.view(-1, *([1] * d2.dim())), bias)
     return bias
 
 
+@dataclass(frozen=True)
+class _Bias:
+    """The bias of one kernel call (``_bias`` with its arguments bound)."""
+
+    slopes: Optional[torch.Tensor]
+    r2: Optional[int]
+    distance: str = "euclidean"
+    beyond: Optional[torch.Tensor] = None
+
+    def __call__(self, d2: torch.Tensor, dtype) -> torch.Tensor:
+        return _bias(d2, self.slopes, self.r2, dtype, self.distance, self.beyond)
+
+
+@dataclass(frozen=True)
+class _Dropout:
+    """Attention dropout (spec §3.5): chunk c's keep mask comes from ``seed + c``, so backward redraws it."""
+
+    p: float
+    seed: int
+
+    def scale(self, shape, chunk: int, like: torch.Tensor) -> torch.Tensor:
+        """The scaled keep mask of chunk ``chunk``: 1/(1-p) where kept, 0 where dropped."""
+        generator = torch.Generator(device=like.device)
+        generator.manual_seed(self.seed + chunk)
+        keep = torch.rand(shape, generator=generator, device=like.device) >= self.p
+        return keep.to(like.dtype).div_(1.0 - self.p)
+
+
 # --------------------------------------------------------------------------------------------------- oracle
-def dense_local_attention_2d(q, k, v, coords, radius: Optional[float], slopes: Slopes = None, mask=None):
-    """The N x N oracle (tests, small N only). ``radius=None`` gives full attention with 2-D ALiBi.
-    Shapes as ``local_attention_2d``; padded query rows return 0."""
+def dense_local_attention_2d(q, k, v, coords, radius: Optional[float], slopes: Slopes = None, mask=None, *,
+                             distance: str = "euclidean", beyond=None):
+    """The N x N oracle (tests, small N only). ``radius=None`` gives full attention with 2-D ALiBi; ``distance``
+    and ``beyond`` as in ``full_attention_2d_alibi``. Shapes as ``local_attention_2d``; padded query rows return 0."""
     coords, mask, slopes = _check(q, k, v, coords, mask, slopes, radius)
+    beyond, _ = _check_variant(q.shape[1], q, distance, radius, beyond)
     diff = coords[:, :, None, :] - coords[:, None, :, :]
     d2 = (diff * diff).sum(-1)  # [B, N, N]
     r2 = None if radius is None else int(math.floor(radius * radius))
-    bias = _bias(d2, slopes, r2, q.dtype).transpose(0, 1)  # [B, h|1, N, N]
+    bias = _bias(d2, slopes, r2, q.dtype, distance, beyond).transpose(0, 1)  # [B, h|1, N, N]
     if mask is not None:
         bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
@@ -219,63 +287,72 @@ def _pad(x: torch.Tensor) -> torch.Tensor:  # [h, N, d] -> [h, N + 2, d]
     return torch.cat([x, x.new_zeros(x.shape[0], 2, x.shape[2])], dim=1)
 
 
-def _scores(qp, kp, cp, qi, ki, slopes, r2, scale):
+def _scores(qp, kp, cp, qi, ki, bias: _Bias, scale):
     Q, K = qp[:, qi], kp[:, ki]  # [h, Bt, Tq, d], [h, Bt, Kc, d]
     cq, ck = cp[qi], cp[ki]  # [Bt, Tq, 2], [Bt, Kc, 2] int32
     du = cq[:, :, None, 0] - ck[:, None, :, 0]
     dv = cq[:, :, None, 1] - ck[:, None, :, 1]
     d2 = du.mul_(du).add_(dv.mul_(dv))  # [Bt, Tq, Kc] squared distances, in place
     s = torch.matmul(Q, K.transpose(-1, -2)).mul_(scale)
-    if slopes is None:  # mask only: no bias tensor
-        return s.masked_fill_((d2 > r2).unsqueeze(0), float("-inf")), Q, K
-    s += _bias(d2, slopes, r2, qp.dtype)
+    if bias.slopes is None:  # mask only: no bias tensor
+        return s.masked_fill_((d2 > bias.r2).unsqueeze(0), float("-inf")), Q, K
+    s += bias(d2, qp.dtype)
     return s, Q, K
 
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plans, slopes, r2):
+    def forward(ctx, q, k, v, plans, bias, dropout):
         B, h, N, d = q.shape
         scale = 1.0 / math.sqrt(d)
         out = q.new_zeros(B, h, N + 2, v.shape[-1])
         lse = q.new_full((B, h, N + 2), float("inf"))
+        chunk = 0
         for b, plan in enumerate(plans):
             qp, kp, vp = _pad(q[b]), _pad(k[b]), _pad(v[b])
             for qi, ki in plan.chunks:
-                s, _, _ = _scores(qp, kp, plan.coords, qi, ki, slopes, r2, scale)
+                s, _, _ = _scores(qp, kp, plan.coords, qi, ki, bias, scale)
                 top = s.amax(dim=-1, keepdim=True)
                 pad_rows = torch.isneginf(top)  # padded query rows: every key masked
                 top.masked_fill_(pad_rows, 0.0)
                 p = s.sub_(top).exp_()  # one pass, in place: P up to the row normaliser
                 total = p.sum(dim=-1, keepdim=True)
+                if dropout is not None:  # after the normaliser: dropped weights leave the softmax sum as it is
+                    p.mul_(dropout.scale(p.shape, chunk, p))
+                chunk += 1
                 out[b][:, qi] = torch.matmul(p, vp[:, ki]).div_(total.clamp_min_(torch.finfo(s.dtype).tiny))
                 m = top.add_(total.log_()).masked_fill_(pad_rows, float("inf")).squeeze(-1)  # lse; +inf: P = 0
                 lse[b][:, qi] = m
         out = out[:, :, :N].contiguous()
-        ctx.save_for_backward(q, k, v, out, lse, slopes)
-        ctx.plans, ctx.r2 = plans, r2
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plans, ctx.bias, ctx.dropout = plans, bias, dropout
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, slopes = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         B, h, N, d = q.shape
         scale = 1.0 / math.sqrt(d)
         dq = q.new_zeros(B, h, N + 2, d)
         dk = q.new_zeros(B, h, N + 2, d)
         dv = v.new_zeros(B, h, N + 2, v.shape[-1])
-        delta = (grad * out).sum(-1)  # [B, h, N]
+        delta = (grad * out).sum(-1)  # [B, h, N]; with dropout still rowsum(dO * O) for the dropped O
+        chunk = 0
         for b, plan in enumerate(ctx.plans):
             qp, kp, vp = _pad(q[b]), _pad(k[b]), _pad(v[b])
             gp = _pad(grad[b].contiguous())
             dp_ = torch.cat([delta[b], delta.new_zeros(h, 2)], dim=1)
             for qi, ki in plan.chunks:
-                s, Q, K = _scores(qp, kp, plan.coords, qi, ki, slopes, ctx.r2, scale)
+                s, Q, K = _scores(qp, kp, plan.coords, qi, ki, ctx.bias, scale)
                 p = s.sub_(lse[b][:, qi].unsqueeze(-1)).exp_()  # in place
+                keep = None if ctx.dropout is None else ctx.dropout.scale(p.shape, chunk, p)
+                chunk += 1
                 dO = gp[:, qi]
                 flat_k = ki.reshape(-1)
-                dv[b].index_add_(1, flat_k, torch.matmul(p.transpose(-1, -2), dO).reshape(h, -1, dv.shape[-1]))
-                ds = torch.matmul(dO, vp[:, ki].transpose(-1, -2)).sub_(dp_[:, qi].unsqueeze(-1)).mul_(p)
+                p_kept = p if keep is None else p * keep
+                dv[b].index_add_(1, flat_k, torch.matmul(p_kept.transpose(-1, -2), dO).reshape(h, -1, dv.shape[-1]))
+                dp = torch.matmul(dO, vp[:, ki].transpose(-1, -2))
+                ds = (dp if keep is None else dp.mul_(keep)).sub_(dp_[:, qi].unsqueeze(-1)).mul_(p)
                 dq[b].index_add_(1, qi.reshape(-1), torch.matmul(ds, K).mul_(scale).reshape(h, -1, d))
                 dk[b].index_add_(1, flat_k, torch.matmul(ds.transpose(-1, -2), Q).mul_(scale).reshape(h, -1, d))
         return dq[:, :, :N], dk[:, :, :N], dv[:, :, :N], None, None, None
@@ -283,13 +360,17 @@ class _TiledAttention(torch.autograd.Function):
 
 def local_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, radius: float,
                        slopes: Slopes = None, mask: Optional[torch.Tensor] = None, *, tile: Optional[int] = None,
-                       chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> torch.Tensor:
+                       chunk_elems: int = DEFAULT_CHUNK_ELEMS, distance: str = "euclidean", dropout: float = 0.0,
+                       dropout_seed: Optional[int] = None) -> torch.Tensor:
     """Exact 2-D local attention. q, k ``[B, h, N, d]``, v ``[B, h, N, d_v]``, coords ``[B, N, 2]`` integer grid
     positions (any order, holes allowed), radius r >= 0 (keys with distance <= r kept), slopes ``[h]`` or None,
     mask ``[B, N]`` bool (True = real token) or None. ``tile``: tile side in grid units (default
     ``default_tile(r)``); ``chunk_elems``: score entries per chunk (h * tiles * Tq * Kc). Returns ``[B, h, N, d_v]``
-    equal to ``dense_local_attention_2d`` (forward and backward) with memory linear in N."""
+    equal to ``dense_local_attention_2d`` (forward and backward) with memory linear in N. ``distance="floor"``:
+    bias ``-m_h floor(D)``; ``dropout``, ``dropout_seed``: attention dropout (module docstring; spec §3.3, §3.5).
+    Every head is masked beyond r here; soft masks need ``full_attention_2d_alibi(radius=, beyond=)``."""
     coords, mask, slopes = _check(q, k, v, coords, mask, slopes, radius)
+    _, dropout = _check_variant(q.shape[1], q, distance, radius, None, dropout, dropout_seed)
     tile = default_tile(radius) if tile is None else tile
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be an int >= 1; got {tile!r}")
@@ -298,36 +379,43 @@ def local_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords
     with torch.no_grad():
         plans = [_plan(coords[b], None if mask is None else mask[b], float(radius), tile, q.shape[1], chunk_elems)
                  for b in range(q.shape[0])]
-    return _TiledAttention.apply(q, k, v, plans, slopes, int(math.floor(radius * radius)))
+    bias = _Bias(slopes, int(math.floor(radius * radius)), distance)
+    return _TiledAttention.apply(q, k, v, plans, bias, dropout)
 
 
 class _ChunkedFull(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, coords, rows_list, slopes, chunk):
+    def forward(ctx, q, k, v, coords, rows_list, bias, chunk, dropout):
         B, h, N, d = q.shape
         scale = 1.0 / math.sqrt(d)
         out = q.new_zeros(B, h, N, v.shape[-1])
         lse = q.new_zeros(B, h, N)
+        index = 0
         for b, rows in enumerate(rows_list):
             kb, vb, cb = k[b][:, rows], v[b][:, rows], coords[b][rows]
             for qr in rows.split(chunk):
                 diff = coords[b][qr][:, None, :] - cb[None, :, :]
                 s = torch.matmul(q[b][:, qr], kb.transpose(-1, -2)).mul_(scale)
-                s += _bias((diff * diff).sum(-1), slopes, None, q.dtype)
+                s += bias((diff * diff).sum(-1), q.dtype)
                 m = torch.logsumexp(s, dim=-1)
-                out[b][:, qr] = torch.matmul(torch.exp(s - m.unsqueeze(-1)), vb)
+                p = torch.exp(s - m.unsqueeze(-1))
+                if dropout is not None:
+                    p.mul_(dropout.scale(p.shape, index, p))
+                index += 1
+                out[b][:, qr] = torch.matmul(p, vb)
                 lse[b][:, qr] = m
-        ctx.save_for_backward(q, k, v, out, lse, coords, slopes)
-        ctx.rows_list, ctx.chunk = rows_list, chunk
+        ctx.save_for_backward(q, k, v, out, lse, coords)
+        ctx.rows_list, ctx.bias, ctx.chunk, ctx.dropout = rows_list, bias, chunk, dropout
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, coords, slopes = ctx.saved_tensors
+        q, k, v, out, lse, coords = ctx.saved_tensors
         d = q.shape[-1]
         scale = 1.0 / math.sqrt(d)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         delta = (grad * out).sum(-1)
+        index = 0
         for b, rows in enumerate(ctx.rows_list):
             kb, vb, cb = k[b][:, rows], v[b][:, rows], coords[b][rows]
             dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
@@ -335,26 +423,35 @@ class _ChunkedFull(torch.autograd.Function):
                 diff = coords[b][qr][:, None, :] - cb[None, :, :]
                 Q = q[b][:, qr]
                 s = torch.matmul(Q, kb.transpose(-1, -2)).mul_(scale)
-                s += _bias((diff * diff).sum(-1), slopes, None, q.dtype)
+                s += ctx.bias((diff * diff).sum(-1), q.dtype)
                 p = torch.exp(s - lse[b][:, qr].unsqueeze(-1))
+                keep = None if ctx.dropout is None else ctx.dropout.scale(p.shape, index, p)
+                index += 1
                 dO = grad[b][:, qr]
-                dvb += torch.matmul(p.transpose(-1, -2), dO)
-                ds = p * (torch.matmul(dO, vb.transpose(-1, -2)) - delta[b][:, qr].unsqueeze(-1))
+                dvb += torch.matmul(p.transpose(-1, -2) if keep is None else (p * keep).transpose(-1, -2), dO)
+                dp = torch.matmul(dO, vb.transpose(-1, -2))
+                ds = p * ((dp if keep is None else dp * keep) - delta[b][:, qr].unsqueeze(-1))
                 dq[b][:, qr] = torch.matmul(ds, kb).mul_(scale)
                 dkb += torch.matmul(ds.transpose(-1, -2), Q).mul_(scale)
             dk[b][:, rows], dv[b][:, rows] = dkb, dvb
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def full_attention_2d_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor,
-                            slopes: Slopes, mask: Optional[torch.Tensor] = None, chunk: int = 256) -> torch.Tensor:
+                            slopes: Slopes, mask: Optional[torch.Tensor] = None, chunk: int = 256, *,
+                            distance: str = "euclidean", radius: Optional[float] = None, beyond=None,
+                            dropout: float = 0.0, dropout_seed: Optional[int] = None) -> torch.Tensor:
     """Exact full attention with unclipped Euclidean 2-D ALiBi ``-m_h ||p_i - p_j||`` (spec §2.3, global layer),
     computed ``chunk`` query rows at a time: time O(N^2 d), memory O(chunk * N * h). Shapes as
-    ``local_attention_2d``; slopes ``[h]`` (None = no bias)."""
-    coords, mask, slopes = _check(q, k, v, coords, mask, slopes)
+    ``local_attention_2d``; slopes ``[h]`` (None = no bias). Spec §3 variants (module docstring): ``distance``;
+    ``radius`` with ``beyond [h]``: the bias where D > r is ``beyond[h]`` (-inf masks the head; ``radius`` alone:
+    every head masked, i.e. local attention at O(N^2) time); ``dropout``, ``dropout_seed``."""
+    coords, mask, slopes = _check(q, k, v, coords, mask, slopes, radius)
+    beyond, dropout = _check_variant(q.shape[1], q, distance, radius, beyond, dropout, dropout_seed)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     rows_list = [torch.arange(q.shape[2], device=q.device) if mask is None else torch.nonzero(mask[b]).flatten()
                  for b in range(q.shape[0])]
+    bias = _Bias(slopes, None if radius is None else int(math.floor(radius * radius)), distance, beyond)
     return _ChunkedFull.apply(q, k, v, coords.to(torch.int32) if coords.abs().max() < 30000 else coords,
-                              rows_list, slopes, chunk)
+                              rows_list, bias, chunk, dropout)

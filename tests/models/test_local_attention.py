@@ -130,3 +130,78 @@ def test_pair_counts_are_exact_and_the_padding_is_counted(radius, tile):
     assert stats["tile"] == (tile or 8) and stats["chunks"] >= 1
     with pytest.raises(ValueError, match="coords"):
         local_attention_pairs(coords, radius)
+
+
+# ------------------------------------------------------------------ spec §3 variants (LongMIL preset="upstream")
+def test_floor_distances_with_shared_cells_tiled_and_chunked_equal_dense():
+    coords, mask = _foreground(300, 30)
+    coords = torch.div(coords, 3, rounding_mode="floor")  # coarse cells: several tokens share a position
+    q, k, v = _qkv(2, 4, 300, 8, torch.float64)
+    dense = dense_local_attention_2d(q, k, v, coords, 3, SLOPES4, mask, distance="floor")
+    for fast in (local_attention_2d(q, k, v, coords, 3, SLOPES4, mask, tile=4, chunk_elems=4096, distance="floor"),
+                 full_attention_2d_alibi(q, k, v, coords, SLOPES4, mask, chunk=37, radius=3, distance="floor")):
+        torch.testing.assert_close(fast, dense, rtol=0, atol=1e-10)
+        weights = torch.randn_like(fast)
+        for a, b in zip(torch.autograd.grad((fast * weights).sum(), (q, k, v)),
+                        torch.autograd.grad((dense * weights).sum(), (q, k, v), retain_graph=True)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert not torch.allclose(dense, dense_local_attention_2d(q, k, v, coords, 3, SLOPES4, mask))
+
+
+def test_a_per_head_bias_beyond_the_radius_in_the_chunked_path_equals_dense():
+    coords, mask = _foreground(200, 20)
+    q, k, v = _qkv(2, 4, 200, 8, torch.float64)
+    beyond = torch.tensor([float("-inf"), -6.25, -1.5625, -0.390625], dtype=torch.float64)
+    fast = full_attention_2d_alibi(q, k, v, coords, SLOPES4, mask, chunk=29, radius=3, beyond=beyond)
+    dense = dense_local_attention_2d(q, k, v, coords, 3, SLOPES4, mask, beyond=beyond)
+    torch.testing.assert_close(fast, dense, rtol=0, atol=1e-10)
+    weights = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((dense * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    masked = dense_local_attention_2d(q, k, v, coords, 3, SLOPES4, mask)
+    torch.testing.assert_close(dense[:, 0], masked[:, 0], rtol=0, atol=1e-12)  # -inf: that head stays local
+    assert not torch.allclose(dense[:, 1:], masked[:, 1:])
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "chunked"])
+def test_attention_dropout_drops_weights_reproducibly_and_its_gradient_is_exact(kernel):
+    coords, mask = _foreground(60, 10, batch=1)
+    n, p = 60, 0.3
+    q, k, _ = _qkv(1, 2, n, 4, torch.float64)
+    eye = torch.eye(n, dtype=torch.float64).expand(1, 2, n, n)  # values = one-hot keys: the output is the matrix
+
+    def attend(q, k, v, seed=7, dropout=p):
+        if kernel == "tiled":
+            return local_attention_2d(q, k, v, coords, 3, SLOPES4[:2], mask, tile=2, chunk_elems=512,
+                                      dropout=dropout, dropout_seed=seed)
+        return full_attention_2d_alibi(q, k, v, coords, SLOPES4[:2], mask, chunk=16, dropout=dropout,
+                                       dropout_seed=seed)
+
+    plain, dropped = attend(q, k, eye, dropout=0.0), attend(q, k, eye)
+    kept = dropped != 0
+    positive = plain > 0
+    torch.testing.assert_close(dropped[kept], plain[kept] / (1 - p), rtol=1e-12, atol=0)
+    assert not torch.any(kept & ~positive) and 0.2 < 1 - kept[positive].double().mean() < 0.4
+    assert torch.equal(attend(q, k, eye), dropped) and not torch.equal(attend(q, k, eye, seed=8), dropped)
+    torch.manual_seed(0)
+    unseeded = attend(q, k, eye, seed=None)
+    torch.manual_seed(0)
+    assert torch.equal(attend(q, k, eye, seed=None), unseeded)  # default seed: from torch's global RNG
+    v = torch.randn(1, 2, n, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: attend(q, k, v), (q, k, v))
+
+
+def test_variant_options_are_checked_by_name():
+    coords, mask = _foreground(20, 6, batch=1)
+    q, k, v = _qkv(1, 2, 20, 4, torch.float64)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        local_attention_2d(q, k, v, coords, 2, None, mask, distance="manhattan")
+    with pytest.raises(ValueError, match="dropout must be a number"):
+        full_attention_2d_alibi(q, k, v, coords, None, mask, dropout=1.0)
+    with pytest.raises(ValueError, match="dropout_seed must be"):
+        local_attention_2d(q, k, v, coords, 2, None, mask, dropout=0.1, dropout_seed=-1)
+    with pytest.raises(ValueError, match="needs a radius"):
+        full_attention_2d_alibi(q, k, v, coords, None, mask, beyond=[-1.0, -1.0])
+    with pytest.raises(ValueError, match=r"beyond must be \[h\]"):
+        full_attention_2d_alibi(q, k, v, coords, None, mask, radius=2, beyond=[-1.0])
