@@ -205,3 +205,15 @@ def test_variant_options_are_checked_by_name():
         full_attention_2d_alibi(q, k, v, coords, None, mask, beyond=[-1.0, -1.0])
     with pytest.raises(ValueError, match=r"beyond must be \[h\]"):
         full_attention_2d_alibi(q, k, v, coords, None, mask, radius=2, beyond=[-1.0])
+
+
+def test_soft_masks_and_dropout_in_the_chunked_path_build_no_n_by_n_tensor():
+    n = 2000
+    coords, _ = _foreground(n, 60, batch=1)
+    q, k, v = _qkv(1, 4, n, 8, torch.float32)
+    beyond = torch.tensor([float("-inf"), -6.25, -1.5625, -0.390625])
+    with _NoQuadratic(n * n // 2):  # per chunk: h * 64 * n = n^2 / 8
+        out = full_attention_2d_alibi(q, k, v, coords, SLOPES4.float(), chunk=64, radius=10, beyond=beyond,
+                                      distance="floor", dropout=0.05)
+        out.sum().backward()
+    assert math.isfinite(float(q.grad.abs().sum()))
