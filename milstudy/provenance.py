@@ -58,10 +58,22 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
     return versions
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), e.g. "Intel(R) Xeon(R)
+    Processor": float32 results of long training runs differ between instruction sets, so records name it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def device_info() -> dict[str, Any]:
-    """The compute the kernel will see: CUDA device names if any, else CPU; always the CPU count."""
+    """The compute the kernel will see: CUDA device names if any, else CPU; always the CPU count and model."""
     info: dict[str, Any] = {"kind": "cpu", "name": platform.processor() or platform.machine(),
-                            "cpu_count": os.cpu_count(), "cuda_devices": []}
+                            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cuda_devices": []}
     if not (shutil.which("nvidia-smi") or Path("/proc/driver/nvidia").exists()):
         return info  # no NVIDIA driver: skip importing torch (seconds) just to learn there is no GPU
     try:
@@ -90,7 +102,8 @@ def device_line(device: dict[str, Any]) -> str:
     """One short description for the results index, e.g. ``cpu x2`` or ``cuda NVIDIA A100 x4``."""
     if device.get("kind") == "cuda":
         return f"cuda {device.get('name')} x{len(device.get('cuda_devices') or [1])}"
-    return f"cpu x{device.get('cpu_count')}"
+    model = f" ({device['cpu_model']})" if device.get("cpu_model") else ""
+    return f"cpu x{device.get('cpu_count')}{model}"
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:

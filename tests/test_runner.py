@@ -265,6 +265,8 @@ def test_run_json_provenance(batch):
     for package in ("torch", "numpy", "papermill", "milstudy", "scikit-learn"):
         assert run["packages"][package], package
     assert run["device"]["kind"] in ("cpu", "cuda") and run["device"]["cpu_count"] >= 1
+    if Path("/proc/cpuinfo").exists():  # the CPU model: float32 results differ between instruction sets
+        assert run["device"]["cpu_model"] and run["device"]["cpu_model"] in Path("/proc/cpuinfo").read_text()
     if (REPO_ROOT / ".git").exists():  # the commit of the code that ran (HEAD may have moved on since)
         commit = run["git"]["commit"]
         assert len(commit) == 40 and isinstance(run["git"]["dirty"], bool)
