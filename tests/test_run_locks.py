@@ -67,3 +67,5 @@ def test_sigkilled_notebook_run_leaves_a_locked_folder_that_the_next_run_cleans(
     again = runner.run_batch(["good"], profile="smoke", out=log, **study_tree.locations())
     assert again[0].status == "ok" and "removed 1 temporary folder(s) left by killed runs" in log.getvalue()
     assert not list(profile_dir.glob(".tmp-*"))
+    tables = {name: data for name, data in before.items() if name.endswith(".csv")}
+    assert tables and {name: (profile_dir / "good" / name).read_bytes() for name in tables} == tables  # same result
