@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from milstudy.models import build_model
@@ -88,3 +89,37 @@ def test_padded_batch_of_long_bags_equals_bags_one_at_a_time():
         torch.testing.assert_close(out.attention[b, :, :n], single.attention[0], atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(out.attention_logits[b, :, :n], single.attention_logits[0], atol=1e-10, rtol=1e-10)
         assert (out.attention[b, :, n:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_ppeg_merged_kernel_equals_identity_plus_three_depthwise_convolutions(dtype, tol):
+    """PPEG runs identity + conv7 + conv5 + conv3 as one 7 x 7 convolution: the same output and the same
+    gradients for every conv's weight and bias and for the input, as the four passes of the authors' layout."""
+    from milstudy.models.transmil import PPEG
+
+    torch.manual_seed(0)
+    ppeg = PPEG(6).to(dtype)
+    side = 5
+    x = torch.randn(2, 1 + side * side, 6, dtype=dtype, requires_grad=True)
+    y = torch.randn(2, 1 + side * side, 6, dtype=dtype)
+
+    def reference(x):
+        cls, tokens = x[:, :1], x[:, 1:]
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+        grid = grid + sum(conv(grid) for conv in ppeg.convs)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    outputs, grads = [], []
+    for fn in (ppeg.forward, reference):
+        ppeg.zero_grad()
+        x.grad = None
+        out = fn(x, side) if fn == ppeg.forward else fn(x)
+        (out * y).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in ppeg.parameters())])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=tol, rtol=tol)
+    assert torch.equal(outputs[0][:, 0], x[:, 0].detach())  # the cls token is untouched
+    for merged, separate in zip(*grads):
+        torch.testing.assert_close(merged, separate, atol=tol, rtol=tol)
+    assert sorted(k for k, _ in ppeg.named_parameters()) == sorted(
+        f"convs.{i}.{p}" for i in range(3) for p in ("weight", "bias"))  # the authors' parameters, state dict kept
