@@ -30,9 +30,12 @@ def machine_info() -> dict:
 
     import torch
 
+    from milstudy.provenance import cpu_model
+
     return {
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
