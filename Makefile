@@ -36,6 +36,7 @@ lab: venv
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 bench: venv
+	$(BIN)/pip install --quiet -e '.[test,bench]'  # torchmil for `milstudy bench peer`
 	$(BIN)/milstudy bench --all
 
 clean-results:
