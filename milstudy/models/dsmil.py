@@ -60,7 +60,9 @@ class DSMIL(MILModel):
         max_logits, critical = masked.max(dim=1)  # [B,C], [B,C]
         queries = self.query(x)  # [B,N,Q]
         critical_queries = torch.gather(queries, 1, critical.unsqueeze(-1).expand(-1, -1, self.query_dim))  # [B,C,Q]
-        scores = torch.einsum("bcq,bnq->bcn", critical_queries, queries) / self.query_dim**0.5  # [B,C,N]
+        # [B,C,N] as (queries @ critical_queriesᵀ)ᵀ: the gradient reaching the query MLP is then contiguous [B,N,Q]
+        # (an einsum over "bnq" hands back a transposed one, which makes its tanh/ReLU backward several times slower)
+        scores = torch.bmm(queries, critical_queries.transpose(1, 2)).transpose(1, 2) / self.query_dim**0.5
         scores = pad_attention_logits(scores, mask)
         weights = masked_softmax(scores, mask)  # [B,C,N]
         bag_features = torch.einsum("bcn,bnd->bcd", weights, x)  # [B,C,D]
