@@ -289,7 +289,7 @@ def test_no_temporary_folders_left(batch):
     assert not [p for p in (tree.results_root / "smoke").rglob(".lock")]  # results carry no run lock
 
 
-def test_report_indexes_figures_tables_and_provenance(batch):
+def test_report_indexes_figures_tables_and_provenance(batch, tmp_path):
     tree = batch[0]
     readme = runner.write_report("smoke", **tree.locations())
     text = readme.read_text()
@@ -301,12 +301,18 @@ def test_report_indexes_figures_tables_and_provenance(batch):
     assert "Latest run failed" in text and "boom from the bad notebook" in text
     assert text.index("## bad") < text.index("## good")  # studies.yaml order
     assert not list(readme.parent.glob(".README*"))
+    # a long table, added to a copy of the shared results (other tests compare the shared folder byte for byte)
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(tree.results_root, results)
     long = pd.DataFrame({"slide": [f"s{i}" for i in range(runner.INLINE_TABLE_ROWS + 1)], "score": 0.5})
-    long.to_csv(tree.results_root / "smoke" / "good" / "per_slide.csv", index=False)
-    (tree.results_root / "smoke" / "good" / "per_slide.md").write_text(long.to_markdown(index=False))
-    text = runner.write_report("smoke", **tree.locations()).read_text()
+    long.to_csv(results / "smoke" / "good" / "per_slide.csv", index=False)
+    (results / "smoke" / "good" / "per_slide.md").write_text(long.to_markdown(index=False))
+    text = runner.write_report("smoke", **{**tree.locations(), "results_root": results}).read_text()
     assert f"[Markdown](good/per_slide.md)): {runner.INLINE_TABLE_ROWS + 1} rows, not shown here" in text
-    assert "| s0 " not in text and (tree.results_root / "smoke" / "good" / "schedule.md").read_text().strip() in text
+    assert "| s0 " not in text and (results / "smoke" / "good" / "schedule.md").read_text().strip() in text
+    assert not (tree.results_root / "smoke" / "good" / "per_slide.csv").exists()
 
 
 # ------------------------------------------------------------------------------- notebook helpers
