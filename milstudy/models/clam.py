@@ -109,10 +109,11 @@ class CLAMSB(MILModel):
             targets = torch.as_tensor(targets, device=x.device).reshape(-1)
             if targets.dtype.is_floating_point or targets.numel() != x.shape[0]:
                 raise ValueError(f"CLAM-SB: targets must be {x.shape[0]} class indices, got {tuple(targets.shape)}")
-            losses = [
-                self.instance_loss(h[b, mask[b]], weights[b, 0, mask[b]], int(targets[b]))
-                for b in range(x.shape[0])
-            ]
+            losses = []
+            for b in range(x.shape[0]):  # a bag without padding is used as it is (no copy, no scatter in backward)
+                real = None if bool(mask[b].all()) else mask[b]
+                hb, wb = (h[b], weights[b, 0]) if real is None else (h[b, real], weights[b, 0, real])
+                losses.append(self.instance_loss(hb, wb, int(targets[b])))
             output.aux_losses["instance"] = self.instance_loss_weight * torch.stack(losses).mean()
         return output
 
