@@ -53,3 +53,22 @@ def test_subtyping_trains_every_instance_classifier_from_one_label():
 def test_bad_targets_error():
     with pytest.raises(ValueError, match="targets must be 2 class indices"):
         make()(torch.randn(2, 4, 6, dtype=torch.float64), targets=torch.tensor([0.5, 1.0]))
+
+
+def test_instance_loss_of_a_padded_batch_equals_the_unpadded_bags():
+    """A bag without padding takes the no-copy path, a padded one the masked path: the same loss and gradients."""
+    torch.manual_seed(0)
+    model = build_model("clam_sb", 16, 2, dropout=0.0)
+    x, targets = torch.randn(2, 30, 16), torch.tensor([1, 0])
+    plain = model(x, targets=targets).aux_losses["instance"]
+    grads = torch.autograd.grad(plain, list(model.parameters()), allow_unused=True)
+    padded_x = torch.cat([x, torch.randn(2, 6, 16)], dim=1)
+    mask = torch.ones(2, 36, dtype=torch.bool)
+    mask[:, 30:] = False
+    padded = model(padded_x, mask=mask, targets=targets).aux_losses["instance"]
+    padded_grads = torch.autograd.grad(padded, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(padded, plain)
+    for g, h in zip(grads, padded_grads):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(h, g)
