@@ -320,9 +320,8 @@ def test_full_disk_in_any_command_is_one_line_and_exit_1(monkeypatch, capsys):
 
 def test_sigkilled_e2e_training_resumes_to_the_same_result(tmp_path):
     """SIGKILL the E2E command line (`python -m milstudy.train.e2e_cli`) after its second epoch's checkpoint: the
-    same command then resumes from it and ends with the history, metrics and predictions of an uninterrupted run."""
-    import json
-
+    same command then resumes from it and ends with the history, metrics and predictions of an uninterrupted run
+    (exactly: the same floats)."""
     import yaml
 
     from milstudy.train.e2e_cli import main as e2e_main
@@ -332,6 +331,19 @@ def test_sigkilled_e2e_training_resumes_to_the_same_result(tmp_path):
               "data": {"toy": {"n_slides": 8, "n_patches": 12, "size": 16}}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
+    # every run on one torch thread, as the killed subprocess (OMP_NUM_THREADS=1): float reductions, and so the
+    # trajectory, depend on the thread count, which an earlier test in this worker process may have changed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _kill_and_resume_e2e(tmp_path, path, e2e_main)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_and_resume_e2e(tmp_path: Path, path: Path, e2e_main) -> None:
+    import json
+
     assert e2e_main(["--config", str(path), "--out", str(tmp_path / "clean")]) == 0
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -348,14 +360,14 @@ def test_sigkilled_e2e_training_resumes_to_the_same_result(tmp_path):
     assert e2e_main(["--config", str(path), "--out", str(killed)]) == 0
     drop = ["train_time", "time"]
     clean, resumed = (pd.read_csv(d / "history.csv").drop(columns=drop) for d in (tmp_path / "clean", killed))
-    pd.testing.assert_frame_equal(clean, resumed)
+    pd.testing.assert_frame_equal(clean, resumed, check_exact=True)
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "clean", killed)]
     for m in metrics:
         m.pop("wall_time_s")
         m["config"].pop("checkpoint_dir")  # out/checkpoints of each run
     assert metrics[0] == metrics[1] and metrics[0]["best_epoch"] == 6
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "clean" / "predictions.csv"),
-                                  pd.read_csv(killed / "predictions.csv"))
+                                  pd.read_csv(killed / "predictions.csv"), check_exact=True)
 
 
 def test_full_disk_during_e2e_training_is_one_line_and_the_rerun_with_room_finishes(tmp_path, small_tmpfs):
