@@ -315,6 +315,11 @@ def row_mpp(row: pd.Series, flag: float | None = None) -> float | None:
 MPP_HINT = "set the manifest 'mpp' column for this slide or pass --slide-mpp <µm per level-0 pixel>"
 
 
+def with_mpp_hint(message: str) -> str:
+    """A slide reader's message with its Python-level remedy ("pass mpp=...") replaced by :data:`MPP_HINT`."""
+    return message.replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)
+
+
 def open_manifest_slide(path: str | os.PathLike, mpp: float | None = None):
     """``open_slide(path, mpp=mpp)`` for a command that reads a manifest: an unknown resolution names the remedies
     these commands offer (:data:`MPP_HINT`), not the Python argument."""
@@ -323,7 +328,7 @@ def open_manifest_slide(path: str | os.PathLike, mpp: float | None = None):
     try:
         return open_slide(path, mpp=mpp)
     except SlideResolutionError as err:
-        raise SlideResolutionError(str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)) from None
+        raise SlideResolutionError(with_mpp_hint(str(err))) from None
 
 
 # --------------------------------------------------------------------------------------- patient-level splits
@@ -461,7 +466,7 @@ def check_slides(
                 if close is not None:
                     close()
             except Exception as err:  # any reader failure is a finding, not a crash
-                text = str(err).replace("pass mpp=<µm per level-0 pixel>", MPP_HINT)
+                text = with_mpp_hint(str(err))
                 status, message = "unreadable", f"{type(err).__name__}: {text}".strip()
         if status == "ok" and root is not None and is_outside(path, root):
             message = f"absolute path outside the slide root {root}"

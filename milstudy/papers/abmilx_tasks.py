@@ -79,6 +79,7 @@ def _two_stage_one(job: tuple, shared: tuple) -> tuple[dict, pd.DataFrame]:
     from milstudy.data.bags import BagListDataset
     from milstudy.models import build_model
     from milstudy.papers.abmilx_study import encode_bags
+    from milstudy.papers.grids import run_row
     from milstudy.train.two_stage import seed_everything, train_two_stage
 
     setting, seed, aggregator, aggregator_kwargs, config, strong_kwargs = job
@@ -89,12 +90,7 @@ def _two_stage_one(job: tuple, shared: tuple) -> tuple[dict, pd.DataFrame]:
     model = build_model(aggregator, int(encoder.out_dim), task.n_out or 2, **aggregator_kwargs)
     result = train_two_stage(model, task, BagListDataset(bags["train"]), BagListDataset(bags["val"] or bags["train"]),
                              BagListDataset(bags.get("test", [])), replace(config, seed=int(seed)))
-    row = {"seed": int(seed), "best_epoch": result.best_epoch, "epochs": len(result.history),
-           "wall_time_s": result.wall_time}
-    row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
-    row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
-    test = result.predictions
-    return row, test[test["split"] == "test"] if "split" in test else test.iloc[0:0]
+    return run_row(result, seed)
 
 
 def run_e5_task(

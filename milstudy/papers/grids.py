@@ -23,19 +23,24 @@ class RunCache:
     names: dict[str, str] = field(default_factory=dict)  # the run name a config was first trained under
 
 
+def run_row(result, seed: int, **extra) -> tuple[dict, pd.DataFrame]:
+    """A finished run (a ``FitResult`` of either training path) -> (its grid row: seed, best epoch, epochs, wall
+    time, ``extra``, ``test_*`` / ``val_*`` metrics; its per-slide test predictions)."""
+    row = {"seed": int(seed), "best_epoch": result.best_epoch, "epochs": len(result.history),
+           "wall_time_s": result.wall_time, **extra}
+    row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
+    row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
+    test = result.predictions
+    return row, (test[test["split"] == "test"] if "split" in test else test.iloc[0:0])
+
+
 def _train_one(config: "E2EConfig", shared: tuple) -> tuple[dict, pd.DataFrame]:
     """One E2E run -> (its row without the run name, its test predictions); in a worker process or in-line."""
     from milstudy.train.e2e import train_e2e
 
     data, task, callbacks = shared
     result = train_e2e(data, task, config, callbacks)
-    row = {"seed": config.seed, "best_epoch": result.best_epoch, "epochs": len(result.history),
-           "wall_time_s": result.wall_time, "train_time_s": result.train_time, "skipped": result.n_skipped}
-    row.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
-    row.update({f"val_{k}": v for k, v in result.val_metrics.items()})
-    test = result.predictions
-    test = test[test["split"] == "test"] if "split" in test else test.iloc[0:0]
-    return row, test
+    return run_row(result, config.seed, train_time_s=result.train_time, skipped=result.n_skipped)
 
 
 def run_grid(
