@@ -51,6 +51,13 @@ class Bag:
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
+    def subset(self, indices: torch.Tensor) -> "Bag":
+        """The bag restricted to ``indices`` (features, coords and instance labels alike; target and ids kept)."""
+        def take(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[indices]
+        return Bag(self.features[indices], self.slide_id, self.target, take(self.coords),
+                   take(self.instance_labels), self.case_id)
+
 
 # ------------------------------------------------------------------------------------------------ file reading
 def _squeeze_leading(array: np.ndarray, ndim: int) -> np.ndarray:

@@ -10,6 +10,9 @@ checkpoints and exact resume). The step:
   from a generator seeded by ``(seed, epoch)``; batch 1 feeds variable-size bags as they are, batch > 1 pads and
   masks them (``milstudy.data.bags.collate_bags``), optionally in batches of similar length
   (``group_by_length``: less padding where bag sizes vary 10-500x, as in MUSK2);
+- optionally keeps a random share of each training bag's instances per epoch (``instance_share``; drawn from
+  ``(seed, epoch, slide id)``, so it does not depend on batch composition, rank or resume; evaluation always
+  sees whole bags);
 - passes ``coords`` and ``mask`` to the model, and the bag labels to models with ``needs_targets`` (CLAM's
   instance loss) when the task has class labels;
 - scores a split with :func:`evaluate` (the task loss over the whole split, metrics, predictions, attention).
@@ -46,6 +49,10 @@ class TrainConfig(LoopConfig):
     group_by_length: batch > 1 only: each epoch cuts the shuffled order into pools of ``8 * batch_size`` bags, sorts
       each pool by bag length, cuts it into batches and shuffles the batches (the composition still changes every
       epoch; padding shrinks); evaluation batches bags in length order and returns them in dataset order.
+    instance_share: None = every instance; a share in (0, 1): each epoch every training bag keeps
+      ``max(1, round(share * N))`` of its N instances, uniformly without replacement and in their original order
+      (random instance subsampling, a common MIL augmentation and the per-epoch instance noise of ASMIL's notebook
+      20); validation, test and attention snapshots see whole bags.
     """
 
     batch_size: int = 1
@@ -53,11 +60,15 @@ class TrainConfig(LoopConfig):
     oversample: float | None = None
     num_workers: int = 0
     group_by_length: bool = False
+    instance_share: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("TrainConfig: batch_size and eval_batch_size must be >= 1")
+        if self.instance_share is not None and not 0.0 < float(self.instance_share) < 1.0:
+            raise ValueError(f"TrainConfig: instance_share must be None (every instance) or in (0, 1), got "
+                             f"{self.instance_share!r}")
 
 
 # ----------------------------------------------------------------------------------------------- bag plumbing
@@ -74,6 +85,22 @@ def bag_targets(dataset: Dataset) -> tuple[list[str], list[Any]]:
 
 def _identity(bags: list) -> list:
     return bags
+
+
+def subsample_instances(bags: Sequence[Any], share: float, seed: int, epoch: int) -> list:
+    """Each bag with ``max(1, round(share * N))`` of its instances, drawn without replacement by a generator seeded
+    with ``(seed, epoch, crc32(slide id))`` and kept in their original order (``TrainConfig.instance_share``)."""
+    import zlib
+
+    from milstudy.data.instance_sampling import sample_random
+
+    out = []
+    for bag in bags:
+        rng = np.random.default_rng([seed, epoch, zlib.crc32(str(bag.slide_id).encode())])
+        keep = max(1, int(round(share * len(bag))))
+        picked = torch.as_tensor(np.sort(sample_random(len(bag), keep, rng, what=f"slide '{bag.slide_id}'")))
+        out.append(bag.subset(picked))
+    return out
 
 
 def _to_batch(bags: list, device: torch.device) -> dict[str, Any]:
@@ -291,6 +318,8 @@ class BagStep:
         if cfg.group_by_length and cfg.batch_size > 1:
             grouped = length_grouped_batches(order, self.lengths, cfg.batch_size, generator)
         for bags in _loader(self.datasets["train"], order, cfg.batch_size, cfg.num_workers, grouped):
+            if cfg.instance_share is not None:
+                bags = subsample_instances(bags, cfg.instance_share, cfg.seed, state.epoch)
             yield _to_batch(bags, self.device)
 
     def loss(self, batch: dict[str, Any], state: LoopState) -> StepLoss:

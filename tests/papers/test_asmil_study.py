@@ -79,6 +79,12 @@ def test_dynamics_claims_has_the_rows_of_the_methods_that_ran(grid):
     assert (table["ci_low"] <= table["difference"]).all() and (table["difference"] <= table["ci_high"]).all()
     with pytest.raises(ValueError, match="none of the claims"):
         A.dynamics_claims(grid, methods=["ASMIL"])
+    # late-JSD rows say how flat each side's late attention is (stabilisation needs matched entropy); others do not
+    entropy = grid.per_slide().groupby("method")["late_entropy"].mean()
+    row = table[table["metric"] == "late_jsd"].iloc[0]
+    assert row["entropy_a"] == pytest.approx(entropy["ABMIL + anchor + NSF"])
+    assert row["entropy_b"] == pytest.approx(entropy["ABMIL"])
+    assert table.loc[table["metric"] != "late_jsd", ["entropy_a", "entropy_b"]].isna().all().all()
 
 
 def test_attention_logits_of_gives_the_logits_of_the_models_attention(data):

@@ -120,8 +120,10 @@ def test_same_seed_same_metrics(splits):
     assert strip_time(c.history) != strip_time(a.history)
 
 
-def test_resume_after_crash_equals_uninterrupted_run(splits, tmp_path):
-    config = dataclasses.replace(FAST, epochs=4, snapshot_slides=("tr0", "va1"), ema_decay=0.9)
+@pytest.mark.parametrize("instance_share", [None, 0.5])
+def test_resume_after_crash_equals_uninterrupted_run(splits, tmp_path, instance_share):
+    config = dataclasses.replace(FAST, epochs=4, snapshot_slides=("tr0", "va1"), ema_decay=0.9,
+                                 instance_share=instance_share)
     full_model, full = run(splits, dataclasses.replace(config, checkpoint_dir=tmp_path / "full"))
 
     crash_dir = tmp_path / "crashed"
@@ -288,3 +290,57 @@ def test_group_by_length_training_learns_and_batches_similar_bags(splits):
     assert sorted(n for batch in seen[:per_epoch] for n in batch) == sorted(len(b) for b in splits[0])
     spread = np.mean([max(b) - min(b) for b in seen])
     assert spread <= 1.5  # toy bags have 4-9 instances: random batches of 4 spread 3.1 (measured), grouped 0.8
+
+
+# ---------------------------------------------------------------------------------- instance_share (subsampling)
+def test_subsample_instances_is_keyed_by_seed_epoch_and_slide_and_keeps_rows_together():
+    from milstudy.train.two_stage import subsample_instances
+
+    n = 50
+    bag = Bag(torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3), "s1", 1,
+              torch.stack([torch.arange(n), 2 * torch.arange(n)], 1), torch.arange(n) % 2)
+    other = dataclasses.replace(bag, slide_id="s2")
+    [a, b] = subsample_instances([bag, other], 0.3, seed=0, epoch=1)
+    assert len(a) == 15 and len(b) == 15
+    kept = a.features[:, 0].long()
+    assert torch.all(kept[1:] > kept[:-1])  # distinct, in their original order
+    assert torch.equal(a.coords, torch.stack([kept, 2 * kept], 1)) and torch.equal(a.instance_labels, kept % 2)
+    assert (a.slide_id, a.target) == ("s1", 1)
+    assert not torch.equal(a.features, b.features)  # another slide, another draw
+    # the draw depends on (seed, epoch, slide id) only: not on the batch it comes in or its position there
+    [alone] = subsample_instances([bag], 0.3, seed=0, epoch=1)
+    [second] = subsample_instances([other, bag], 0.3, seed=0, epoch=1)[1:]
+    assert torch.equal(alone.features, a.features) and torch.equal(second.features, a.features)
+    for seed, epoch in [(0, 2), (1, 1)]:
+        [moved] = subsample_instances([bag], 0.3, seed=seed, epoch=epoch)
+        assert not torch.equal(moved.features, a.features)
+    tiny = Bag(torch.ones(1, 3), "t", 0)
+    assert len(subsample_instances([tiny], 0.1, 0, 1)[0]) == 1  # at least one instance, never an empty bag
+
+
+def test_instance_share_trains_on_subsampled_bags_and_evaluates_whole_ones(splits):
+    config = dataclasses.replace(FAST, epochs=12, instance_share=0.5, snapshot_slides=("te0",))
+    seen = {"train": [], "eval": []}
+
+    class Recording(ToyAttentionMIL):
+        def forward(self, x, coords=None, mask=None):
+            seen["train" if self.training else "eval"].append(x.shape[1])
+            return super().forward(x, coords, mask)
+
+    _, result = run(splits, config, Recording)
+    per_epoch = len(splits[0])
+    first = sorted(seen["train"][:per_epoch])
+    assert first == sorted(max(1, round(0.5 * len(b))) for b in splits[0])
+    assert set(seen["eval"]) <= {len(b) for ds in splits[1:] for b in ds}  # validation / test: whole bags
+    assert result.attention_snapshots[3]["te0"].shape == (1, len(splits[2][0]))
+    assert result.test_metrics["accuracy"] >= 0.8  # the key instance survives half the time: still learnable
+    _, again = run(splits, config)
+    assert strip_time(again.history) == strip_time(result.history)
+    _, whole = run(splits, dataclasses.replace(config, instance_share=None))
+    assert strip_time(whole.history) != strip_time(result.history)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, 1.5, -0.2])
+def test_instance_share_outside_the_open_unit_interval_is_refused(share):
+    with pytest.raises(ValueError, match="instance_share must be None"):
+        TrainConfig(instance_share=share)
