@@ -7,8 +7,9 @@
     logits = W_c z                                                [B,C]
 
 Defaults follow the paper (L=500, attention width K=128, ReLU, no dropout). The ``abmil_upstream`` preset is the
-ABMIL baseline of the ABMILX code (shared/specs/abmilx.md §2.5): LN at the input, Linear(D_in, L) -> act ->
-dropout 0.25, attention Linear(L,128) -> tanh -> Linear(128,1), weighted sum -> LN -> Linear.
+ABMIL baseline of the ABMILX code (shared/specs/abmilx.md §2.5, issue 9): LN at the input, Linear(D_in, L) -> GELU
+-> dropout 0.25, attention Linear(L,128) -> tanh -> Linear(128,1), weighted sum -> LN -> Linear, with no bias in
+any Linear or LayerNorm (``bias=False``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 class AttentionScorer(nn.Module):
     """Ilse et al. Eq. 8 (plain) or Eq. 9 (gated) scores: ``[B,N,L] -> [B,N]`` pre-softmax logits."""
 
-    def __init__(self, dim: int, attention_dim: int = 128, gated: bool = False, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, attention_dim: int = 128, gated: bool = False, dropout: float = 0.0,
+                 bias: bool = True) -> None:
         super().__init__()
-        self.tanh_branch = nn.Sequential(nn.Linear(dim, attention_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.tanh_branch = nn.Sequential(nn.Linear(dim, attention_dim, bias=bias), nn.Tanh(), nn.Dropout(dropout))
         self.gate_branch = (
-            nn.Sequential(nn.Linear(dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
+            nn.Sequential(nn.Linear(dim, attention_dim, bias=bias), nn.Sigmoid(), nn.Dropout(dropout)) if gated
+            else None
         )
         self.score = nn.Linear(attention_dim, 1, bias=False)  # Eq. 8 has no bias (softmax would ignore it)
 
@@ -46,6 +49,7 @@ class ABMIL(MILModel):
     """ABMIL; ``forward(x [B,N,D], coords=None, mask=None) -> MILOutput`` with attention ``[B,1,N]``.
 
     ``attention_logits`` ``[B,1,N]``: the scores of Eq. 8 / 9 before the softmax (``PAD_LOGIT`` on padding).
+    ``bias=False``: no bias in any Linear or LayerNorm (the upstream layout).
     ``attention_normalization``: ``"softmax"`` (the paper), or ASMIL's S7 alternatives ``"nsf"`` / ``"mixture"``
     (``milstudy.models.attention_normalization``; the logits are then the transformed scores, and
     ``extras["attention_scores"]`` the scorer's own output). extras: ``bag_embedding`` ``[B,L]``.
@@ -63,21 +67,22 @@ class ABMIL(MILModel):
         input_norm: bool = False,
         output_norm: bool = False,
         attention_normalization: str = "softmax",
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"ABMIL: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.in_dim = in_dim
         self.embed = nn.Sequential(
-            nn.LayerNorm(in_dim) if input_norm else nn.Identity(),
-            nn.Linear(in_dim, hidden_dim),
+            nn.LayerNorm(in_dim, bias=bias) if input_norm else nn.Identity(),
+            nn.Linear(in_dim, hidden_dim, bias=bias),
             ACTIVATIONS[activation](),
             nn.Dropout(dropout),
         )
-        self.scorer = AttentionScorer(hidden_dim, attention_dim, gated=gated)
+        self.scorer = AttentionScorer(hidden_dim, attention_dim, gated=gated, bias=bias)
         self.normalization = AttentionNormalization(attention_normalization)
-        self.out_norm = nn.LayerNorm(hidden_dim) if output_norm else nn.Identity()
-        self.classifier = nn.Linear(hidden_dim, n_out)
+        self.out_norm = nn.LayerNorm(hidden_dim, bias=bias) if output_norm else nn.Identity()
+        self.classifier = nn.Linear(hidden_dim, n_out, bias=bias)
 
     def forward(
         self, x: torch.Tensor, coords: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -104,5 +109,6 @@ def build_abmil(in_dim: int, n_out: int, **kwargs) -> ABMIL:
 
 register_preset("abmil_gated", "abmil", gated=True)  # Eq. 9
 register_preset(
-    "abmil_upstream", "abmil", hidden_dim=512, input_norm=True, dropout=0.25, output_norm=True
-)  # ABMILX code's ABMIL baseline (spec §2.5)
+    "abmil_upstream", "abmil", hidden_dim=512, input_norm=True, dropout=0.25, output_norm=True, activation="gelu",
+    bias=False,
+)  # ABMILX code's ABMIL baseline (spec §2.5; issue 9: LN, GELU, dropout 0.25, no biases, LN before the classifier)
