@@ -51,6 +51,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # a weaker KL (S8's lambda), where the anchor and the uniform target keep attention about as sharp
     "ABMIL + anchor + NSF (λ = 0.1)": ("abmil_anchor_nsf", {"anchor_lambda": 0.1}),
     "ABMIL + uniform target (λ = 0.1)": ("abmil_anchor_nsf", {"anchor_mode": "uniform_target", "anchor_lambda": 0.1}),
+    # with ABMIL (λ = 0), λ = 0.1 and λ = 1 these span late entropies from ABMIL's to uniform: the matched-entropy
+    # control family of ``matched_entropy_control``
+    "ABMIL + uniform target (λ = 0.03)": ("abmil_anchor_nsf", {"anchor_mode": "uniform_target",
+                                                              "anchor_lambda": 0.03}),
+    "ABMIL + uniform target (λ = 0.3)": ("abmil_anchor_nsf", {"anchor_mode": "uniform_target", "anchor_lambda": 0.3}),
     "CLAM-SB": ("clam_sb", {}),
     "CLAM-SB + anchor + NSF": ("clam_sb_anchor_nsf", {}),
     "TransMIL": ("transmil", {}),
@@ -237,6 +242,11 @@ def _mean_of(column: str):
 # (statement, A, B, metric, direction, paper A, paper B, units, source). "late_jsd": mean JSD to the next epoch over
 # the second half of training, per tracked test slide; "jsd" compares the halves of one method (``PHASES``).
 PHASES = ("ABMIL, second half", "ABMIL, first half")
+# The uniform-target family by KL weight (λ = 0 is bare ABMIL) and the anchors judged against it at matched entropy.
+UNIFORM_FAMILY = ("ABMIL", "ABMIL + uniform target (λ = 0.03)", "ABMIL + uniform target (λ = 0.1)",
+                  "ABMIL + uniform target (λ = 0.3)", "ABMIL + uniform target")
+MATCHED_ANCHORS = ("ABMIL + anchor + NSF", "ABMIL + anchor + NSF (λ = 0.1)", "ABMIL + anchor + NSF (1/N KL)")
+MATCHED_PREFIX = "uniform target at the entropy of "
 DYNAMICS_CLAIMS = [
     ("ABMIL's attention keeps moving: its JSD per epoch does not fall in the second half", *PHASES, "jsd",
      "greater", None, None, "", "Fig. 1 (oscillates instead of converging)"),
@@ -251,6 +261,9 @@ DYNAMICS_CLAIMS = [
      "ABMIL", "late_jsd", "less", None, None, "", "Fig. 1, spec §4.3 S8 (λ)"),
     ("... more than a uniform target of the same weight (λ = 0.1) does", "ABMIL + anchor + NSF (λ = 0.1)",
      "ABMIL + uniform target (λ = 0.1)", "late_jsd", "less", None, None, "", "spec §4.3 S6, S8"),
+    *[(f"At matched attention entropy, {a} moves less late in training than a uniform-target model",
+       a, MATCHED_PREFIX + a, "log_late_jsd", "less", None, None, "log JSD ratio", "issue 12, spec §4.3 S6")
+      for a in MATCHED_ANCHORS],
     ("... more than the released frozen random anchor does", "ABMIL + anchor + NSF",
      "ABMIL + frozen random anchor", "late_jsd", "less", None, None, "", "spec §3.1"),
     ("The anchor + NSF raises ABMIL's macro-F1", "ABMIL + anchor + NSF", "ABMIL", "f1_macro", "greater",
@@ -287,20 +300,61 @@ def _phases(per_slide: pd.DataFrame, method: str = "ABMIL") -> pd.DataFrame:
                       base.assign(method=PHASES[1], jsd=base["early_jsd"])], ignore_index=True)
 
 
+def _log_jsd(jsd: Any) -> Any:
+    """log JSD, floored at 1e-12 (a run whose tracked attention never changed would give -inf)."""
+    return np.log(np.maximum(jsd, 1e-12))
+
+
+def matched_entropy_control(per_seed: pd.DataFrame, methods: Sequence[str] = MATCHED_ANCHORS,
+                            family: Sequence[str] = UNIFORM_FAMILY) -> pd.DataFrame:
+    """The matched-entropy control (issue 12: stabilisation only at matched attention entropy). Per seed, the
+    uniform-target ``family`` (one run per KL weight, bare ABMIL as λ = 0) traces log late JSD against late
+    entropy; for each of ``methods`` it is read, by linear interpolation between the family's points sorted by
+    entropy, at that method's late entropy of the same seed: what a model regularised only towards flatter
+    attention moves at the same flatness. Returns rows ``method`` (the method itself, and
+    ``MATCHED_PREFIX + method`` for the control), ``seed``, ``late_entropy``, ``log_late_jsd`` and ``clamped``
+    (the method's entropy lay outside the family's range at that seed, so the nearest end was used). Methods or
+    family members that were not run are skipped; fewer than two family members give an empty frame."""
+    frame = per_seed[["method", "seed", "late_entropy", "late_jsd"]].dropna()
+    curve = frame[frame["method"].isin(family)]
+    rows = []
+    if curve["method"].nunique() < 2:
+        return pd.DataFrame(columns=["method", "seed", "late_entropy", "log_late_jsd", "clamped"])
+    for method in methods:
+        for run in frame[frame["method"] == method].itertuples():
+            points = curve[curve["seed"] == run.seed].sort_values("late_entropy")
+            if len(points) < 2:
+                continue
+            x, y = points["late_entropy"].to_numpy(), _log_jsd(points["late_jsd"].to_numpy())
+            clamped = not x[0] <= run.late_entropy <= x[-1]
+            rows += [{"method": method, "seed": run.seed, "late_entropy": run.late_entropy,
+                      "log_late_jsd": float(_log_jsd(run.late_jsd)), "clamped": False},
+                     {"method": MATCHED_PREFIX + method, "seed": run.seed, "late_entropy": run.late_entropy,
+                      "log_late_jsd": float(np.interp(run.late_entropy, x, y)), "clamped": clamped}]
+    return pd.DataFrame(rows, columns=["method", "seed", "late_entropy", "log_late_jsd", "clamped"])
+
+
 def dynamics_claims(result: Dynamics, methods: Sequence[str] | None = None, n_resamples: int = 2000,
                     seed: int = 0) -> pd.DataFrame:
     """The claims table of notebook 20: AUC from per-slide test predictions, JSD from per-slide instability (both
     by hierarchical bootstrap over seeds, then slides), macro-F1 by the paired t over seeds. Rows whose methods
     were not run are left out. Late-JSD rows also carry ``entropy_a`` / ``entropy_b``, the two methods' mean late
-    normalised entropy: a lower JSD is stabilisation only at matched entropy (flatter attention moves less)."""
+    normalised entropy: a lower JSD is stabilisation only at matched entropy (flatter attention moves less). The
+    ``log_late_jsd`` rows compare an anchor with the uniform-target family read at its own entropy, seed by seed
+    (:func:`matched_entropy_control`; paired t over seeds; the difference is a log ratio of JSDs)."""
     methods = set(result.runs["method"]) if methods is None else set(methods)
     if "ABMIL" in methods:
         methods |= set(PHASES)
+    per_seed = result.per_seed().rename(columns={"test_f1_macro": "f1_macro"})
+    matched = matched_entropy_control(per_seed, [m for m in MATCHED_ANCHORS if m in methods])
+    methods |= set(matched["method"])
+    per_seed = pd.concat([per_seed, matched.loc[matched["method"].str.startswith(MATCHED_PREFIX),
+                                                ["method", "seed", "log_late_jsd"]]], ignore_index=True)
+    per_seed["log_late_jsd"] = per_seed["log_late_jsd"].fillna(_log_jsd(per_seed["late_jsd"]))
     claims = [Claim(s, a, b, m, d, pa, pb, u, source=src) for s, a, b, m, d, pa, pb, u, src in DYNAMICS_CLAIMS
               if a in methods and b in methods]
     if not claims:
         raise ValueError(f"dynamics_claims: none of the claims' method pairs were run (methods: {sorted(methods)})")
-    per_seed = result.per_seed().rename(columns={"test_f1_macro": "f1_macro"})
     per_slide = result.per_slide()
     predictions = {"auc": result.predictions, "late_jsd": per_slide, "jsd": _phases(per_slide)}
     metrics = {"late_jsd": _mean_of("late_jsd"), "jsd": _mean_of("jsd")}
@@ -311,7 +365,9 @@ def dynamics_claims(result: Dynamics, methods: Sequence[str] | None = None, n_re
     table = claims_table(claims, predictions=predictions, per_seed=per_seed, n_resamples=n_resamples, seed=seed,
                          metrics=metrics)
     entropy = per_slide.groupby("method")["late_entropy"].mean()
-    is_jsd = table["metric"] == "late_jsd"
+    entropy = pd.concat([entropy, pd.Series({MATCHED_PREFIX + m: entropy[m] for m in MATCHED_ANCHORS
+                                             if m in entropy})])
+    is_jsd = table["metric"].isin(["late_jsd", "log_late_jsd"])
     for side, column in (("a", "method_a"), ("b", "method_b")):
         table[f"entropy_{side}"] = np.where(is_jsd, table[column].map(entropy), np.nan)
     return table

@@ -145,3 +145,27 @@ def test_s7_variants_train_and_report_the_learnt_mixture_weight(data):
     assert table.loc[names[0], "mixture_alpha"] == ""
     claims = A.dynamics_claims(both, n_resamples=200)
     assert "NSF in the online model lowers macro-F1" in " ".join(claims["claim"])
+
+
+def test_matched_entropy_control_reads_the_uniform_family_at_the_anchors_entropy():
+    family = ["ABMIL", "ABMIL + uniform target (λ = 0.1)", "ABMIL + uniform target"]
+    rows = []
+    for seed, shift in [(0, 1.0), (1, 2.0)]:
+        rows += [{"method": family[0], "seed": seed, "late_entropy": 0.2, "late_jsd": 0.1 * shift},
+                 {"method": family[2], "seed": seed, "late_entropy": 1.0, "late_jsd": 1e-4 * shift},
+                 {"method": family[1], "seed": seed, "late_entropy": 0.6, "late_jsd": 0.01 * shift},  # any order
+                 {"method": "anchor", "seed": seed, "late_entropy": 0.4, "late_jsd": 0.001},
+                 {"method": "too sharp", "seed": seed, "late_entropy": 0.1, "late_jsd": 0.5}]
+    matched = A.matched_entropy_control(pd.DataFrame(rows), ["anchor", "too sharp", "not run"], family)
+    control = matched[matched["method"] == A.MATCHED_PREFIX + "anchor"].set_index("seed")
+    for seed, shift in [(0, 1.0), (1, 2.0)]:  # halfway between 0.2 and 0.6: the geometric mean of the two JSDs
+        assert control.loc[seed, "log_late_jsd"] == pytest.approx(np.log(np.sqrt(0.1 * 0.01) * shift))
+        assert not control.loc[seed, "clamped"]
+    own = matched[matched["method"] == "anchor"]
+    assert own["log_late_jsd"].tolist() == pytest.approx([np.log(0.001)] * 2)
+    outside = matched[matched["method"] == A.MATCHED_PREFIX + "too sharp"]
+    assert outside["clamped"].all() and outside["log_late_jsd"].tolist() == pytest.approx(np.log([0.1, 0.2]))
+    assert "not run" not in set(matched["method"])
+    # one family member is no curve: nothing to match against
+    lone = pd.DataFrame([r for r in rows if r["method"] in ("ABMIL", "anchor")])
+    assert A.matched_entropy_control(lone, ["anchor"], family).empty
