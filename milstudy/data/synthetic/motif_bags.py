@@ -21,7 +21,8 @@ let them infer it). Every cell is a tile of one of three kinds: background, type
   ``eps ~ N(0, I_dim)``, directions orthonormal. ``type_sep`` sets how well one tile's type can be read;
   ``contact_cue`` is a weak single-tile trace of contact (the one signal single-instance pooling can use; 0
   removes it), calibrated so that ABMIL lands inside 0.6-0.9 AUC at training lengths on calibration worlds (see
-  ``CALIBRATED_CONTACT_CUE``; on a given world it can land higher).
+  ``CALIBRATED_CONTACT_CUE``; on a given world it can land higher). Notebook 51 sets it to 0: with the trace,
+  ABMIL won at every length by pooling it, so spatial reasoning went untested.
 
 ``motif_cohort(world)`` returns the bags (``milstudy.data.bags.Bag``: float32 features, int64 coords,
 ``instance_labels`` = the motif tiles: an A with a B within ``contact_distance`` or vice versa), the tile kinds and
