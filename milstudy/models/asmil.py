@@ -12,6 +12,7 @@ ASMIL network, upstream layout (spec §2.2), ``forward(x [B,N,Df], coords=None, 
 tokens of softmax(S_t), §2.7). ``build_model("asmil")`` is this network inside the one ``AnchoredMIL`` wrapper
 (EMA anchor, NSF target, λ=1, β=0.999 per step); ``"asmil_net"`` is the bare network (ASMIL without anchor).
 Defaults (§2.9): D=128, h=8, K=8, drop_rate 0.5 (n_drop = round(rK), at least one token kept).
+``token_init_std``: the FEAT and CLS tokens' N(0, σ²) init (upstream σ = 1e-6, so the first attention is uniform).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class ASMILNet(MILModel):
         drop_mode: str = "count",
         dropout: float = 0.1,
         online_encoder: str = "crossattn",
+        token_init_std: float = 1e-6,
     ) -> None:
         super().__init__()
         if online_encoder != "crossattn":
@@ -98,6 +100,8 @@ class ASMILNet(MILModel):
             raise ValueError(f"ASMIL: drop_mode must be one of {DROP_MODES}, got {drop_mode!r}")
         if n_tokens < 1:
             raise ValueError(f"ASMIL: n_tokens must be >= 1, got {n_tokens}")
+        if not token_init_std > 0:
+            raise ValueError(f"ASMIL: token_init_std must be > 0, got {token_init_std}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"ASMIL: drop_rate must be in [0, 1), got {drop_rate}")
         if n_drop is None:
@@ -108,11 +112,11 @@ class ASMILNet(MILModel):
         self.in_dim, self.heads, self.n_tokens = in_dim, heads, n_tokens
         self.n_drop, self.drop_rate, self.drop_mode = n_drop, drop_rate, drop_mode
         self.reduce = nn.Linear(in_dim, dim, bias=False)
-        self.tokens = nn.Parameter(torch.randn(n_tokens, dim) * 1e-6)
+        self.tokens = nn.Parameter(torch.randn(n_tokens, dim) * token_init_std)
         self.token_blocks = TokenCrossAttention(n_tokens, dim, heads, dropout)
         # spec §2.2 zero-inits the CLS token; with zero bq that gives W^Q/W^K of the aggregator exactly zero gradient
         # at init (the zoo test checks every parameter), so we draw it like the FEAT tokens, N(0, 1e-6²).
-        self.cls = nn.Parameter(torch.randn(1, dim) * 1e-6)
+        self.cls = nn.Parameter(torch.randn(1, dim) * token_init_std)
         self.aggregator = TokenCrossAttention(1, dim, heads, dropout)
         self.classifier = nn.Linear(dim, n_out)
 

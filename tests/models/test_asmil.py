@@ -72,3 +72,19 @@ def test_entmax_target_is_a_masked_distribution_between_softmax_and_sparsemax():
     assert not (soft == 0)[:, :, :40].any()
     with pytest.raises(ValueError, match="entmax_alpha"):
         entmax_target(logits, mask, 0.5)
+
+
+def test_token_init_std_sets_the_feat_and_cls_token_scale_and_is_checked():
+    """Upstream draws the FEAT and CLS tokens from N(0, (1e-6)^2), so the first attention is uniform; the option
+    exists to study that start (issue 12: ASMIL's training loss stays at ln 2 on notebook 20's world)."""
+    torch.manual_seed(0)
+    default = build_model("asmil_net", 16, 2, dim=64, heads=4, n_tokens=8)
+    assert float(default.tokens.abs().max()) < 1e-5 and float(default.cls.abs().max()) < 1e-5
+    wide = build_model("asmil_net", 16, 2, dim=64, heads=4, n_tokens=8, token_init_std=1.0)
+    assert 0.8 < float(wide.tokens.std()) < 1.2
+    x = torch.randn(1, 30, 16)
+    attention = default.eval()(x).attention
+    assert torch.allclose(attention, torch.full_like(attention, 1 / 30), atol=1e-4)  # uniform at the upstream init
+    assert float(wide.eval()(x).attention.std()) > 1e-3
+    with pytest.raises(ValueError, match="token_init_std"):
+        build_model("asmil_net", 16, 2, token_init_std=0.0)
