@@ -191,18 +191,23 @@ class Dynamics:
     def per_slide(self, late_from: float = 0.5) -> pd.DataFrame:
         """One row per (method, seed, slide_id): ``early_jsd`` / ``late_jsd``, the mean JSD to the next epoch over
         the steps e -> e + 1 (e >= 1) before / from the ``late_from`` share of them on (with a single step, both are
-        that step), and ``late_entropy``, the mean normalised entropy over the late steps."""
+        that step), and ``late_entropy``, the mean normalised entropy over the late steps. The halves are cut per
+        run, so runs of different lengths (ASMIL's longer schedule) each get their own."""
         frame = self.stability.dropna(subset=["jsd_next"])
-        steps = sorted(frame["epoch"].unique())
-        if len(steps) > 1:  # epoch 0 (before training) -> 1 is the initial move, not oscillation
-            steps = steps[1:]
-        cut = min(max(1, int(round(late_from * len(steps)))), len(steps) - 1) if len(steps) > 1 else 0
         keys = ["method", "seed", "slide_id"]
-        early = frame[frame["epoch"].isin(steps[:max(cut, 1)])].groupby(keys)["jsd_next"].mean()
-        late = frame[frame["epoch"].isin(steps[cut:])].groupby(keys)
-        out = pd.DataFrame({"early_jsd": early, "late_jsd": late["jsd_next"].mean(),
-                            "late_entropy": late["normalized_entropy"].mean()})
-        return out.reset_index()
+        parts = []
+        for _, run in frame.groupby(["method", "seed"], sort=False):
+            steps = sorted(run["epoch"].unique())
+            if len(steps) > 1:  # epoch 0 (before training) -> 1 is the initial move, not oscillation
+                steps = steps[1:]
+            cut = min(max(1, int(round(late_from * len(steps)))), len(steps) - 1) if len(steps) > 1 else 0
+            early = run[run["epoch"].isin(steps[:max(cut, 1)])].groupby(keys)["jsd_next"].mean()
+            late = run[run["epoch"].isin(steps[cut:])].groupby(keys)
+            parts.append(pd.DataFrame({"early_jsd": early, "late_jsd": late["jsd_next"].mean(),
+                                       "late_entropy": late["normalized_entropy"].mean()}))
+        if not parts:
+            return pd.DataFrame(columns=[*keys, "early_jsd", "late_jsd", "late_entropy"])
+        return pd.concat(parts).sort_index().reset_index()
 
     def per_seed(self) -> pd.DataFrame:
         """One row per (method, seed): the slide means of :meth:`per_slide` beside the run's test metrics."""
@@ -217,13 +222,19 @@ class Dynamics:
 
 def run_dynamics(data: AsmilData, variants: Sequence[str], seeds: Sequence[int], config: Any,
                  n_tracked: int = 20, small: bool = False, workers: int = 1,
-                 overrides: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True) -> Dynamics:
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
+                 config_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Dynamics:
     """Train every variant x seed (module docstring). ``config``: a ``TrainConfig`` (its seed is replaced per run);
-    the first ``n_tracked`` test slides are snapshotted every epoch. ``workers``: processes (one thread each)."""
+    the first ``n_tracked`` test slides are snapshotted every epoch. ``workers``: processes (one thread each).
+    ``overrides[name]``: model kwargs of a variant; ``config_overrides[name]``: ``TrainConfig`` fields of a variant
+    (e.g. ``{"epochs": 50}`` for ASMIL's longer schedule)."""
     tracked = [b.slide_id for b in data.bags["test"][:n_tracked]]
     config = replace(config, snapshot_slides=tracked, quiet=True)
+    unknown = sorted(set(config_overrides or {}) - set(variants))
+    if unknown:
+        raise ValueError(f"run_dynamics: config_overrides name variants that are not run: {unknown}")
     jobs = [{"variant": v, "seed": int(s), "spec": variant_spec(v, small, overrides),
-             "config": config} for v in variants for s in seeds]
+             "config": replace(config, **(config_overrides or {}).get(v, {}))} for v in variants for s in seeds]
     results = process_map(_one_run, jobs, workers, progress, shared=data)
     return Dynamics(pd.DataFrame([r["run"] for r in results]),
                     pd.concat([r["predictions"] for r in results], ignore_index=True),

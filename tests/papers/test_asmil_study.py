@@ -169,3 +169,28 @@ def test_matched_entropy_control_reads_the_uniform_family_at_the_anchors_entropy
     # one family member is no curve: nothing to match against
     lone = pd.DataFrame([r for r in rows if r["method"] in ("ABMIL", "anchor")])
     assert A.matched_entropy_control(lone, ["anchor"], family).empty
+
+
+def test_per_slide_cuts_the_halves_per_run_so_runs_of_different_lengths_each_get_their_own():
+    rows = []
+    for method, epochs in [("short", 4), ("long", 8)]:
+        for epoch in range(epochs + 1):  # epoch 0 -> 1 is left out; the rest split into halves
+            rows.append({"method": method, "seed": 0, "slide_id": "s", "epoch": epoch,
+                         "jsd_next": np.nan if epoch == epochs else float(epoch), "normalized_entropy": 0.5})
+    result = A.Dynamics(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(rows), pd.DataFrame())
+    per_slide = result.per_slide().set_index("method")
+    assert per_slide.loc["short", "early_jsd"] == pytest.approx(1.5)  # steps 1, 2 | 3 (cut at round(1.5) = 2)
+    assert per_slide.loc["short", "late_jsd"] == pytest.approx(3.0)  # (one cut over both runs: late = nothing)
+    assert per_slide.loc["long", "early_jsd"] == pytest.approx(2.5)  # steps 1-4 | 5, 6, 7 (cut at round(3.5) = 4)
+    assert per_slide.loc["long", "late_jsd"] == pytest.approx(6.0)
+
+
+def test_config_overrides_change_one_variants_schedule_only(data):
+    config = TrainConfig(epochs=2, lr=1e-3, schedule="constant", warmup_epochs=0, device="cpu")
+    grid = A.run_dynamics(data, ["ABMIL", "ASMIL without anchor"], [0], config, n_tracked=2, small=True,
+                          progress=False, config_overrides={"ASMIL without anchor": {"epochs": 3}})
+    epochs = grid.history.groupby("method")["epoch"].max()
+    assert epochs["ABMIL"] == 2 and epochs["ASMIL without anchor"] == 3
+    assert grid.stability.groupby("method")["epoch"].max().to_dict() == {"ABMIL": 2, "ASMIL without anchor": 3}
+    with pytest.raises(ValueError, match="not run"):
+        A.run_dynamics(data, ["ABMIL"], [0], config, config_overrides={"ASMIL": {"epochs": 3}}, progress=False)
