@@ -24,6 +24,8 @@ reconstructed in the spec; the extracted text lost them).
 - ``anchor_mode``: ``"ema"`` (default); ``"frozen_random"`` (released behaviour §3.1: the anchor is an
   independently initialised network that never updates); ``"uniform_target"`` (target uniform over real tiles);
   ``"none"`` (no KL).
+- ``anchor_warmup_epochs=k`` (our diagnostic, not in the paper): no KL during the first k epochs while the EMA
+  tracks the online model, then the KL as configured (ASMIL's uniform start, issue 12).
 - AEM control: ``aem_weight=β_e > 0`` adds ``aux_losses["aem"] = -β_e · mean_{B,H} H(a)`` (entropy maximisation).
 """
 
@@ -48,7 +50,7 @@ NSF_EPS = 1e-8
 # Keyword names build_model routes to the wrapper (everything else goes to the base model).
 ANCHOR_KWARGS = (
     "anchor_mode", "anchor_beta", "anchor_update", "anchor_target", "anchor_temperature", "anchor_lambda",
-    "kl_reduction", "kl_tokens", "aem_weight", "entmax_alpha",
+    "kl_reduction", "kl_tokens", "aem_weight", "entmax_alpha", "anchor_warmup_epochs",
 )
 
 
@@ -134,6 +136,7 @@ class AnchoredMIL(MILModel):
         aem_weight: float = 0.0,
         entmax_alpha: float = 1.5,
         anchor_source: MILModel | None = None,
+        anchor_warmup_epochs: int = 0,
     ) -> None:
         super().__init__()
         for name, value, allowed in [
@@ -149,6 +152,8 @@ class AnchoredMIL(MILModel):
             raise ValueError(f"AnchoredMIL: anchor_temperature must be > 0, got {anchor_temperature}")
         if anchor_lambda < 0 or aem_weight < 0:
             raise ValueError(f"AnchoredMIL: anchor_lambda and aem_weight must be >= 0, got {anchor_lambda}, {aem_weight}")
+        if int(anchor_warmup_epochs) != anchor_warmup_epochs or anchor_warmup_epochs < 0:
+            raise ValueError(f"AnchoredMIL: anchor_warmup_epochs must be an integer >= 0, got {anchor_warmup_epochs}")
         if anchor_mode == "frozen_random" and anchor_source is None:
             raise ValueError("AnchoredMIL: anchor_mode='frozen_random' needs anchor_source (a freshly built model)")
         if anchor_target == "entmax":
@@ -160,6 +165,9 @@ class AnchoredMIL(MILModel):
         self.aem_weight, self.entmax_alpha = float(aem_weight), float(entmax_alpha)
         self.needs_targets = getattr(online, "needs_targets", False)
         self.permutation_invariant = getattr(online, "permutation_invariant", True)
+        self.warmup_epochs = int(anchor_warmup_epochs)
+        if self.warmup_epochs:  # epochs finished so far: a buffer, so that a resumed run knows where it is
+            self.register_buffer("epochs_done", torch.zeros((), dtype=torch.int64))
         self.anchor: nn.Module | None = None
         if anchor_mode in ("ema", "frozen_random"):
             source = online if anchor_mode == "ema" else anchor_source
@@ -206,7 +214,7 @@ class AnchoredMIL(MILModel):
         if out.attention_logits is None:
             raise ValueError(f"AnchoredMIL: {type(self.online).__name__} returns no attention_logits to anchor")
         real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.to(torch.bool)
-        if self.anchor_mode != "none":
+        if self.anchor_mode != "none" and self.kl_active:
             head_keep = None
             if self.kl_tokens == "kept":
                 if "head_keep" not in out.extras:
@@ -221,6 +229,12 @@ class AnchoredMIL(MILModel):
             entropy = -torch.xlogy(attention, attention).sum(-1)  # [B,H]
             out.aux_losses["aem"] = -self.aem_weight * entropy.mean()
         return out
+
+    @property
+    def kl_active(self) -> bool:
+        """The KL term is on: always, or once ``anchor_warmup_epochs`` epochs have ended (the EMA tracks the online
+        model throughout, so the anchor the KL then uses is an average of recent online weights)."""
+        return not self.warmup_epochs or int(self.epochs_done) >= self.warmup_epochs
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -244,6 +258,8 @@ class AnchoredMIL(MILModel):
         self.online.on_epoch_end(epoch)
         if self.update == "epoch":
             self.ema_update()
+        if self.warmup_epochs:
+            self.epochs_done.fill_(int(epoch))
 
 
 def split_anchor_kwargs(kwargs: dict) -> tuple[dict, dict]:

@@ -88,3 +88,27 @@ def test_token_init_std_sets_the_feat_and_cls_token_scale_and_is_checked():
     assert float(wide.eval()(x).attention.std()) > 1e-3
     with pytest.raises(ValueError, match="token_init_std"):
         build_model("asmil_net", 16, 2, token_init_std=0.0)
+
+
+def test_anchor_warmup_keeps_the_kl_off_for_k_epochs_while_the_ema_tracks():
+    torch.manual_seed(0)
+    model = build_model("abmil_anchor_nsf", 16, 2, anchor_warmup_epochs=2).train()
+    assert "epochs_done" in model.state_dict()
+    x = torch.randn(1, 9, 16)
+    start = {k: v.clone() for k, v in model.anchor.named_buffers()}
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(0.5)
+    model.after_optimizer_step()  # the EMA moves during the warm-up
+    assert any(not torch.equal(start[k], v) for k, v in model.anchor.named_buffers())
+    for epoch in (1, 2):
+        assert "anchor_kl" not in model(x).aux_losses
+        model.on_epoch_end(epoch)
+    assert "anchor_kl" in model(x).aux_losses  # from epoch 3 on
+    resumed = build_model("abmil_anchor_nsf", 16, 2, anchor_warmup_epochs=2).train()
+    resumed.load_state_dict(model.state_dict())  # a resumed run knows the warm-up is over
+    assert "anchor_kl" in resumed(x).aux_losses
+    assert "epochs_done" not in build_model("abmil_anchor_nsf", 16, 2).state_dict()  # no warm-up, no new state
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="anchor_warmup_epochs"):
+            build_model("abmil_anchor_nsf", 16, 2, anchor_warmup_epochs=bad)
