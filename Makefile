@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; milstudy needs Python 3.11 (set PYTHON=/path/to/python3.11)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-cache-dir -e '.[test]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (milstudy)" >/dev/null
 	@touch $(STAMP)
 
@@ -36,7 +36,7 @@ lab: venv
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 bench: venv
-	$(BIN)/pip install --quiet -e '.[test,bench]'  # torchmil for `milstudy bench peer`
+	$(BIN)/pip install --quiet --no-cache-dir -e '.[test,bench]'  # torchmil for `milstudy bench peer`
 	$(BIN)/milstudy bench --all
 
 clean-results:

@@ -34,8 +34,10 @@ def _model(**kwargs):
     return build_model("longmil", 6, 3, **{"dim": 16, "radius": 3.0, "stride": 1.0, **kwargs}).double().eval()
 
 
-def test_the_paper_preset_is_unchanged_bit_for_bit():
-    """Logits, gradient and state-dict keys recorded before the presets existed (commit 45c7086)."""
+def test_the_paper_preset_is_unchanged():
+    """Logits, gradient and state-dict keys recorded before the presets existed (commit 45c7086), to 1e-12
+    relative in float64 and 1e-6 in float32: the last bits of a float64 reduction depend on the CPU (6 ulp apart on an AMD EPYC), a code change
+    moves them by far more."""
     n = 40
     coords = torch.stack([torch.arange(n) % 7, torch.arange(n) // 7], -1).unsqueeze(0) * 256
     for kwargs in ({}, {"preset": "paper"}):
@@ -43,15 +45,18 @@ def test_the_paper_preset_is_unchanged_bit_for_bit():
         model = build_model("longmil", 6, 3, dim=16, heads=4, radius=3.0, **kwargs).double()
         x = torch.randn(1, n, 6, dtype=torch.float64)
         model(x, coords=coords).logits.sum().backward()
-        assert sum(float(p.grad.pow(2).sum()) for p in model.parameters()).hex() == "0x1.96386260b0756p+7"
+        grad_norm2 = sum(float(p.grad.pow(2).sum()) for p in model.parameters())
+        assert math.isclose(grad_norm2, float.fromhex("0x1.96386260b0756p+7"), rel_tol=1e-12)
         with torch.no_grad():
             logits = model.eval()(x, coords=coords).logits[0].tolist()
-        assert [v.hex() for v in logits] == ["-0x1.bca07d9bf61c2p-1", "0x1.bacf88ca75d5cp-1", "-0x1.d5251d3db805cp-4"]
+        recorded = ["-0x1.bca07d9bf61c2p-1", "0x1.bacf88ca75d5cp-1", "-0x1.d5251d3db805cp-4"]
+        assert all(math.isclose(v, float.fromhex(r), rel_tol=1e-12) for v, r in zip(logits, recorded, strict=True))
         torch.manual_seed(0)
         model = build_model("longmil", 6, 3, dim=16, radius=3.0, **kwargs).eval()  # float32, 1 head
         x = torch.randn(1, n, 6)
-        assert model(x, coords=coords).logits[0].tolist() == [-0.7399708032608032, 0.7686008214950562,
-                                                              -0.2072339653968811]
+        recorded = [-0.7399708032608032, 0.7686008214950562, -0.2072339653968811]  # float32: to 1e-6 relative
+        logits = model(x, coords=coords).logits[0].tolist()
+        assert all(math.isclose(v, r, rel_tol=1e-6) for v, r in zip(logits, recorded, strict=True))
     blocks = [f"{part}.{i}" for part, count in (("local", 2), ("globals", 1)) for i in range(count)]
     layer = ["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "qkv.weight", "proj.weight", "proj.bias",
              "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias"]
