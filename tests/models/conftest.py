@@ -56,14 +56,15 @@ def forward(model, x, mask=None, targets=None):
 
 
 def fit_toy(name: str, epochs: int = 12, seed: int = 0, **kwargs) -> float:
-    """Train ``name`` with Adam on 240 toy bags and return the accuracy on 200 held-out bags."""
+    """Train ``name`` with Adam on 240 toy bags, calling the model hooks as the trainers do, and return the accuracy
+    on 200 held-out bags."""
     torch.manual_seed(seed)
     model = build_model(name, IN_DIM, 2, **{**TEST_KWARGS.get(name, {}), **kwargs})
     x, y = make_toy_bags(240, seed=seed)
     x_test, y_test = make_toy_bags(200, seed=seed + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         model.train()
         for batch in torch.randperm(len(x), generator=gen).split(16):
             out = forward(model, x[batch], targets=y[batch])
@@ -71,6 +72,8 @@ def fit_toy(name: str, epochs: int = 12, seed: int = 0, **kwargs) -> float:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            model.after_optimizer_step()  # the model contract (an EMA anchor updates here)
+        model.on_epoch_end(epoch)
     model.eval()
     with torch.no_grad():
         return (forward(model, x_test).logits.argmax(-1) == y_test).float().mean().item()

@@ -14,7 +14,8 @@ IN_DIM = 16
 # Models with attention weights but no scores behind them (name -> reason); they report attention_logits=None.
 NO_ATTENTION_LOGITS = {"mean_pooling": "uniform weights 1/n over the real instances; no score produces them"}
 # Models whose loss is not the default (task loss on the logits, weight 1, no streams).
-LOSS_STREAMS = {"dsmil": "0.5 CE(bag stream) + 0.5 CE(max-instance stream), tests/models/test_dsmil.py"}
+LOSS_STREAMS = {name: "0.5 CE(bag stream) + 0.5 CE(max-instance stream), tests/models/test_dsmil.py"
+                for name in ("dsmil", "dsmil_anchor", "dsmil_anchor_nsf")}
 
 
 def _toy_batch(toy_bags, dtype: torch.dtype, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -112,4 +112,18 @@ SLOW_TO_TRAIN = {"transmil", "transmil_anchor", "transmil_anchor_nsf"}  # two Ny
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TO_TRAIN else n for n in MODELS]
 )
 def test_learns_key_instance_toy_problem(name, toy_fit):
-    assert toy_fit(name) >= 0.95
+    assert toy_fit(name, **TOY_KWARGS.get(name, {})) >= 0.95
+
+
+# DSMIL's attention logits are scaled inner products of tanh queries, near 0 at init, so its NSF anchor target is
+# near-uniform and at the paper's λ = 1 the KL holds the bag stream's attention flat, as a uniform target does
+# (0.85-0.90 on the toy problem in 12 epochs; the test below). The paper reports F1 drops for DSMIL + anchor
+# (Table 2, CAMELYON-16). The learning test checks the wrapper around DSMIL at λ = 0.1.
+TOY_KWARGS = {"dsmil_anchor": {"anchor_lambda": 0.1}, "dsmil_anchor_nsf": {"anchor_lambda": 0.1}}
+
+
+def test_dsmil_nsf_anchor_at_lambda_1_acts_as_a_uniform_target(toy_fit):
+    anchored = toy_fit("dsmil_anchor_nsf")
+    uniform = toy_fit("dsmil_anchor_nsf", anchor_mode="uniform_target")
+    assert abs(anchored - uniform) <= 0.02
+    assert anchored < toy_fit("dsmil") - 0.05 < toy_fit("dsmil_anchor_nsf", anchor_lambda=0.1)
