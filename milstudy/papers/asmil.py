@@ -112,12 +112,14 @@ def asmil_bags(profile: str = "cpu", seed: int = 1, label_noise: float = 0.1, n_
     return AsmilData(bags, cohort.task, world, flipped)
 
 
-def variant_spec(name: str, small: bool = False, overrides: Mapping[str, Mapping[str, Any]] | None = None
-                 ) -> tuple[str, dict[str, Any]]:
-    """(registry name, kwargs) of a variant; ``small``: the cpu-profile ASMIL size; ``overrides[name]`` on top."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown ASMIL study variant {name!r}; choose from {list(VARIANTS)}")
-    registry, kwargs = VARIANTS[name]
+def variant_spec(name: str, small: bool = False, overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 specs: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None) -> tuple[str, dict[str, Any]]:
+    """(registry name, kwargs) of a variant of :data:`VARIANTS` or ``specs`` (more variants, e.g. a sweep's);
+    ``small``: the cpu-profile ASMIL size; ``overrides[name]`` on top."""
+    table = {**VARIANTS, **(specs or {})}
+    if name not in table:
+        raise ValueError(f"unknown ASMIL study variant {name!r}; choose from {list(table)}")
+    registry, kwargs = table[name]
     kwargs = dict(kwargs)
     if small and registry.startswith("asmil"):
         kwargs.update(SMALL_ASMIL)
@@ -227,17 +229,18 @@ class Dynamics:
 def run_dynamics(data: AsmilData, variants: Sequence[str], seeds: Sequence[int], config: Any,
                  n_tracked: int = 20, small: bool = False, workers: int = 1,
                  overrides: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = True,
-                 config_overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Dynamics:
+                 config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 specs: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None) -> Dynamics:
     """Train every variant x seed (module docstring). ``config``: a ``TrainConfig`` (its seed is replaced per run);
     the first ``n_tracked`` test slides are snapshotted every epoch. ``workers``: processes (one thread each).
     ``overrides[name]``: model kwargs of a variant; ``config_overrides[name]``: ``TrainConfig`` fields of a variant
-    (e.g. ``{"epochs": 50}`` for ASMIL's longer schedule)."""
+    (e.g. ``{"epochs": 50}`` for ASMIL's longer schedule); ``specs``: variants beyond :data:`VARIANTS`."""
     tracked = [b.slide_id for b in data.bags["test"][:n_tracked]]
     config = replace(config, snapshot_slides=tracked, quiet=True)
     unknown = sorted(set(config_overrides or {}) - set(variants))
     if unknown:
         raise ValueError(f"run_dynamics: config_overrides name variants that are not run: {unknown}")
-    jobs = [{"variant": v, "seed": int(s), "spec": variant_spec(v, small, overrides),
+    jobs = [{"variant": v, "seed": int(s), "spec": variant_spec(v, small, overrides, specs),
              "config": replace(config, **(config_overrides or {}).get(v, {}))} for v in variants for s in seeds]
     results = process_map(_one_run, jobs, workers, progress, shared=data)
     return Dynamics(pd.DataFrame([r["run"] for r in results]),
