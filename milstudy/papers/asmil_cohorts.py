@@ -1,0 +1,112 @@
+"""Real cohorts for the ASMIL notebooks (specs/asmil.md §5, paper profile): feature bags of a manifest's slides
+(``milstudy features extract`` writes them; any folder of ``<slide_id>.h5`` files with ``features`` and
+``coords`` works) in place of the synthetic world of :func:`milstudy.papers.asmil.asmil_bags`.
+
+``manifest_bags(manifest, feature_dir, target="label")`` returns the same :class:`AsmilData` (bags per split, a
+binary classification task) so that notebooks 20 and 23 run unchanged on it: CAMELYON-16 (``label`` normal /
+tumour, the official 270 / 129 split as ``split`` train / test), CAMELYON-17 (a centre split as ``split``), or
+BRACS (``data_manifests/bracs.csv``) read as ``positive=["malignant"]`` on ``label_3`` (``classes`` declared). The notebooks' claims
+compare binary AUCs, so a task with more classes must name its ``positive`` classes (the rest is negative); the
+3-class macro-AUC of the paper's BRACS tables is not computed here. Without validation rows, a stratified
+``val_share`` of the training slides (seeded) becomes the validation split. Instance labels (for localization)
+come with the feature files or from ``instance_label_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from milstudy.papers.asmil import AsmilData
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ManifestSource:
+    """Where a real cohort's bags came from (provenance in place of a synthetic world's knobs)."""
+
+    manifest: str
+    feature_dir: str
+    target: str
+    positive: tuple[str, ...] | None
+
+    def digest(self) -> str:
+        """A short hash of the manifest file's bytes (or its path) and the settings."""
+        path = Path(self.manifest)
+        content = path.read_bytes() if path.is_file() else self.manifest.encode()
+        settings = repr((self.feature_dir, self.target, self.positive)).encode()
+        return hashlib.sha256(content + settings).hexdigest()[:12]
+
+
+def _binary_targets(classes: list, positive: Sequence[str] | None, source: str, target: str) -> dict[int, int]:
+    """Map the dataset's class indices to 0/1: two classes as they are, or ``positive`` classes -> 1."""
+    if positive is None:
+        if len(classes) != 2:
+            raise ValueError(f"{source}: column {target!r} has {len(classes)} classes {classes}; the ASMIL notebooks "
+                             "compare binary AUCs: pass positive=[...] naming the positive classes")
+        return {0: 0, 1: 1}
+    unknown = sorted(set(map(str, positive)) - set(map(str, classes)))
+    if unknown or not positive:
+        raise ValueError(f"{source}: positive classes {unknown or list(positive)} are not among {classes} "
+                         f"(column {target!r})")
+    chosen = set(map(str, positive))
+    mapping = {i: int(str(c) in chosen) for i, c in enumerate(classes)}
+    if len(set(mapping.values())) < 2:
+        raise ValueError(f"{source}: positive={list(positive)} leaves no negative class among {classes}")
+    return mapping
+
+
+def manifest_bags(manifest: str | os.PathLike, feature_dir: str | os.PathLike, target: str = "label",
+                  classes: Sequence | None = None, positive: Sequence[str] | None = None,
+                  instance_label_dir: str | os.PathLike | None = None, val_share: float = 0.15,
+                  seed: int = 1) -> AsmilData:
+    """The bags of a manifest's slides per split (module docstring). ``classes``: the labels of ``target`` (string
+    labels must be declared, e.g. ``["benign", "atypical", "malignant"]`` for BRACS' ``label_3``); ``seed`` draws
+    the validation slides when the manifest has none. Raises naming the manifest when a split is missing or a
+    split lacks a class."""
+    from milstudy.data.bags import Bag, BagDataset
+    from milstudy.train.tasks import ClassificationTask
+
+    if not 0 < val_share < 1:
+        raise ValueError(f"manifest_bags: val_share must be in (0, 1), got {val_share}")
+    source = str(manifest)
+    dataset = BagDataset(manifest, feature_dir, target=target, classes=classes, lazy=False,
+                         instance_label_dir=instance_label_dir)
+    if "split" not in dataset.manifest:
+        raise ValueError(f"{source}: needs a 'split' column (train / val / test) for the ASMIL notebooks")
+    to_binary = _binary_targets(list(dataset.classes), positive, source, target)
+    splits = dataset.manifest["split"].astype(str).to_numpy()  # train / val / test (the manifest loader checks)
+    bags = []
+    for i in range(len(dataset)):
+        bag = dataset[i]
+        bags.append(Bag(bag.features, bag.slide_id, to_binary[int(bag.target)], bag.coords, bag.instance_labels,
+                        bag.case_id))
+    if "val" not in set(splits):
+        splits = _carve_validation(splits, np.array([b.target for b in bags]), val_share, seed)
+    out = {split: [b for b, s in zip(bags, splits) if s == split] for split in SPLITS}
+    for split, members in out.items():
+        labels = {b.target for b in members}
+        if labels != {0, 1}:
+            raise ValueError(f"{source}: the {split} split needs slides of both classes, has {sorted(labels)} "
+                             f"({len(members)} slides)")
+    return AsmilData(out, ClassificationTask(classes=2), ManifestSource(source, str(feature_dir), target,
+                                               None if positive is None else tuple(map(str, positive))))
+
+
+def _carve_validation(splits: np.ndarray, labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """``splits`` with a stratified ``share`` of each class's training slides (at least one) set to "val"."""
+    rng = np.random.default_rng([seed, 11])
+    splits = splits.copy()
+    for label in (0, 1):
+        members = np.flatnonzero((splits == "train") & (labels == label))
+        if len(members) < 2:
+            continue
+        n = max(1, int(round(share * len(members))))
+        splits[rng.choice(members, size=n, replace=False)] = "val"
+    return splits
