@@ -33,7 +33,8 @@ Example::
     print(verdict_sentence(table.iloc[0]))
 
 ``predictions``: long frame, one row per (method, seed, slide_id) with the metric's columns (``target, prob_1``
-for "auc" and "accuracy" (``prediction``), ``time, event, risk`` for "c_index"), or a mapping metric name ->
+for "auc" (macro one-vs-rest over ``prob_0 .. prob_{C-1}`` when C >= 3) and "accuracy" (``prediction``),
+``time, event, risk`` for "c_index"), or a mapping metric name ->
 such a frame. ``per_seed``: one row per (method, seed) with per-seed scalar metrics as columns.
 """
 
@@ -107,6 +108,17 @@ DEFAULT_METRICS: dict[str, Callable[[], stats.Metric]] = {
 }
 
 
+def _default_metric(name: str, frame: pd.DataFrame) -> stats.Metric:
+    """The default metric of ``name``; "auc" is the macro one-vs-rest AUC when the frame has three or more
+    ``prob_k`` columns (multi-class predictions), the binary AUC of ``prob_1`` otherwise."""
+    n_classes = 0
+    while f"prob_{n_classes}" in frame:
+        n_classes += 1
+    if name == "auc" and n_classes >= 3:
+        return stats.macro_auc_metric(n_classes)
+    return DEFAULT_METRICS[name]()
+
+
 def _resolve(claim: Claim, predictions: pd.DataFrame | Mapping[str, pd.DataFrame] | None,
              per_seed: pd.DataFrame | None, metrics: Mapping[str, Any]) -> tuple[str, Any, pd.DataFrame | None]:
     """("bootstrap", metric, frame) when per-slide predictions can score the claim, else ("t", column, per_seed)."""
@@ -114,7 +126,7 @@ def _resolve(claim: Claim, predictions: pd.DataFrame | Mapping[str, pd.DataFrame
     if frame is not None:
         metric = metrics.get(claim.metric)
         if metric is None and claim.metric in DEFAULT_METRICS:
-            metric = DEFAULT_METRICS[claim.metric]()
+            metric = _default_metric(claim.metric, frame)
         if metric is not None and (not isinstance(metric, stats.Metric) or all(c in frame for c in metric.columns)):
             return "bootstrap", metric, frame
     if per_seed is not None and claim.metric in per_seed:

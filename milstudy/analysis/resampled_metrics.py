@@ -23,6 +23,8 @@ class Metric:
       ``c' K c / c' M c``, exactly the metric of the resampled frame (a slide paired with its own copy is never
       comparable), so the bootstrap needs one matrix product per seed, not one DataFrame per resample.
     - ``kind="mean"``: ``(per-slide values [n],)``; a resample's value is ``c' v / n``.
+    - ``kind="pairwise_macro"``: ``(concordant [C, n, n], comparable [C, n, n])``, one pairwise ratio per class,
+      averaged (macro one-vs-rest AUC); undefined when any class has no comparable pair in the resample.
 
     ``targets``: columns that must agree between two methods on the same slide; ``scores``: the method's output.
     ``bounds``: the metric's range (for clipped error bars); ``chance``: the value of a random ranking.
@@ -33,7 +35,7 @@ class Metric:
     scores: tuple[str, ...]
     frame_fn: Callable[[pd.DataFrame], float]
     prepare: Callable[[pd.DataFrame], tuple[np.ndarray, ...]]
-    kind: Literal["pairwise", "mean"] = "pairwise"
+    kind: Literal["pairwise", "mean", "pairwise_macro"] = "pairwise"
     bounds: tuple[float, float] | None = (0.0, 1.0)
     chance: float | None = 0.5
 
@@ -55,6 +57,9 @@ def _resampled_from_arrays(kind: str, arrays: tuple[np.ndarray, ...], counts: np
     c = np.asarray(counts, dtype=np.float64)
     if kind == "mean":
         return c @ arrays[0] / c.sum(axis=1)
+    if kind == "pairwise_macro":
+        per_class = [_resampled_from_arrays("pairwise", (k, m), c) for k, m in zip(*arrays)]
+        return np.mean(per_class, axis=0)  # NaN where any class is undefined
     concordant, comparable = arrays
     num = np.einsum("rn,rn->r", c @ concordant, c)
     den = np.einsum("rn,rn->r", c @ comparable, c)
@@ -86,6 +91,31 @@ def auc_metric(target: str = "target", score: str = "prob_1", name: str = "auc")
         return _concordance(frame[score].to_numpy(np.float64), positive[:, None] & ~positive[None, :])
 
     return Metric(name, (target,), (score,), frame_fn, prepare)
+
+
+def macro_auc_metric(n_classes: int, target: str = "target", prefix: str = "prob_", name: str = "auc") -> Metric:
+    """Macro one-vs-rest ROC-AUC over ``n_classes`` >= 3 classes from ``prob_0 .. prob_{C-1}`` (as
+    ``milstudy.train.metrics.roc_auc`` and scikit-learn's ``multi_class="ovr", average="macro"``): per class c the
+    pairs (slide of class c, slide of another class) ranked by ``prob_c``, the class AUCs averaged."""
+    from milstudy.train.metrics import roc_auc
+
+    if n_classes < 3:
+        raise ValueError(f"macro_auc_metric: needs >= 3 classes (binary: auc_metric), got {n_classes}")
+    scores = tuple(f"{prefix}{k}" for k in range(n_classes))
+
+    def frame_fn(frame: pd.DataFrame) -> float:
+        return roc_auc(frame[target].to_numpy(), frame[list(scores)].to_numpy(np.float64))
+
+    def prepare(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        y = frame[target].to_numpy()
+        if not np.isin(y, np.arange(n_classes)).all():
+            raise ValueError(f"macro_auc_metric: column {target!r} must hold class indices 0..{n_classes - 1}, "
+                             f"got values {np.unique(y)[:5]}")
+        pairs = [_concordance(frame[score].to_numpy(np.float64), (y == k)[:, None] & (y != k)[None, :])
+                 for k, score in enumerate(scores)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    return Metric(name, (target,), scores, frame_fn, prepare, kind="pairwise_macro")
 
 
 def c_index_metric(time: str = "time", event: str = "event", risk: str = "risk", name: str = "c_index") -> Metric:

@@ -36,7 +36,7 @@ from scipy import stats as st
 
 from milstudy.analysis._arrays import to_numpy
 from milstudy.analysis.resampled_metrics import (Metric, _concordance, _resampled_from_arrays,  # noqa: F401
-                                                 accuracy_metric, auc_metric, c_index_metric)
+                                                 accuracy_metric, auc_metric, c_index_metric, macro_auc_metric)
 
 MIN_SEEDS_SIGN_FLIP = 6
 _EXACT_SIGN_FLIP_MAX = 16  # 2**16 sign vectors enumerated; more seeds -> 100 000 random sign vectors

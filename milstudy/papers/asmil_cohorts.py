@@ -3,13 +3,13 @@
 ``coords`` works) in place of the synthetic world of :func:`milstudy.papers.asmil.asmil_bags`.
 
 ``manifest_bags(manifest, feature_dir, target="label")`` returns the same :class:`AsmilData` (bags per split, a
-binary classification task) so that notebooks 20 and 23 run unchanged on it: CAMELYON-16 (``label`` normal /
-tumour, the official 270 / 129 split as ``split`` train / test), CAMELYON-17 (a centre split as ``split``), or
-BRACS (``data_manifests/bracs.csv``) read as ``positive=["malignant"]`` on ``label_3`` (``classes`` declared). The notebooks' claims
-compare binary AUCs, so a task with more classes must name its ``positive`` classes (the rest is negative); the
-3-class macro-AUC of the paper's BRACS tables is not computed here. Without validation rows, a stratified
-``val_share`` of the training slides (seeded) becomes the validation split. Instance labels (for localization)
-come with the feature files or from ``instance_label_dir``.
+classification task) so that notebooks 20 and 23 run unchanged on it: CAMELYON-16 (``label`` normal / tumour, the
+official 270 / 129 split as ``split`` train / test), CAMELYON-17 (a centre split as ``split``), or BRACS
+(``data_manifests/bracs.csv``: ``label_3`` with ``classes`` declared, 3 classes as in the paper's tables, whose AUC
+claims are then the macro one-vs-rest AUC; or ``positive=["malignant"]`` for malignant vs the rest). Without
+validation rows, a stratified ``val_share`` of the training slides (seeded) becomes the validation split; every
+split must hold every class. Instance labels (for localization) come with the feature files or from
+``instance_label_dir``.
 """
 
 from __future__ import annotations
@@ -44,13 +44,10 @@ class ManifestSource:
         return hashlib.sha256(content + settings).hexdigest()[:12]
 
 
-def _binary_targets(classes: list, positive: Sequence[str] | None, source: str, target: str) -> dict[int, int]:
-    """Map the dataset's class indices to 0/1: two classes as they are, or ``positive`` classes -> 1."""
+def _targets(classes: list, positive: Sequence[str] | None, source: str, target: str) -> dict[int, int]:
+    """Map the dataset's class indices to the task's: as they are, or ``positive`` classes -> 1, the rest -> 0."""
     if positive is None:
-        if len(classes) != 2:
-            raise ValueError(f"{source}: column {target!r} has {len(classes)} classes {classes}; the ASMIL notebooks "
-                             "compare binary AUCs: pass positive=[...] naming the positive classes")
-        return {0: 0, 1: 1}
+        return {i: i for i in range(len(classes))}
     unknown = sorted(set(map(str, positive)) - set(map(str, classes)))
     if unknown or not positive:
         raise ValueError(f"{source}: positive classes {unknown or list(positive)} are not among {classes} "
@@ -80,30 +77,31 @@ def manifest_bags(manifest: str | os.PathLike, feature_dir: str | os.PathLike, t
                          instance_label_dir=instance_label_dir)
     if "split" not in dataset.manifest:
         raise ValueError(f"{source}: needs a 'split' column (train / val / test) for the ASMIL notebooks")
-    to_binary = _binary_targets(list(dataset.classes), positive, source, target)
+    to_task = _targets(list(dataset.classes), positive, source, target)
     splits = dataset.manifest["split"].astype(str).to_numpy()  # train / val / test (the manifest loader checks)
     bags = []
     for i in range(len(dataset)):
         bag = dataset[i]
-        bags.append(Bag(bag.features, bag.slide_id, to_binary[int(bag.target)], bag.coords, bag.instance_labels,
+        bags.append(Bag(bag.features, bag.slide_id, to_task[int(bag.target)], bag.coords, bag.instance_labels,
                         bag.case_id))
+    n_classes = len(set(to_task.values()))
     if "val" not in set(splits):
-        splits = _carve_validation(splits, np.array([b.target for b in bags]), val_share, seed)
+        splits = _carve_validation(splits, np.array([b.target for b in bags]), n_classes, val_share, seed)
     out = {split: [b for b, s in zip(bags, splits) if s == split] for split in SPLITS}
     for split, members in out.items():
         labels = {b.target for b in members}
-        if labels != {0, 1}:
-            raise ValueError(f"{source}: the {split} split needs slides of both classes, has {sorted(labels)} "
-                             f"({len(members)} slides)")
-    return AsmilData(out, ClassificationTask(classes=2), ManifestSource(source, str(feature_dir), target,
+        if labels != set(range(n_classes)):
+            raise ValueError(f"{source}: the {split} split needs slides of every class (0..{n_classes - 1}), has "
+                             f"{sorted(labels)} ({len(members)} slides)")
+    return AsmilData(out, ClassificationTask(classes=n_classes), ManifestSource(source, str(feature_dir), target,
                                                None if positive is None else tuple(map(str, positive))))
 
 
-def _carve_validation(splits: np.ndarray, labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+def _carve_validation(splits: np.ndarray, labels: np.ndarray, n_classes: int, share: float, seed: int) -> np.ndarray:
     """``splits`` with a stratified ``share`` of each class's training slides (at least one) set to "val"."""
     rng = np.random.default_rng([seed, 11])
     splits = splits.copy()
-    for label in (0, 1):
+    for label in range(n_classes):
         members = np.flatnonzero((splits == "train") & (labels == label))
         if len(members) < 2:
             continue

@@ -148,3 +148,21 @@ def test_save_claims_writes_csv_and_markdown(tmp_path, monkeypatch):
     assert markdown.startswith("|") and "inconclusive" in markdown
     with pytest.raises(ValueError, match="table lacks"):
         C.save_claims(pd.DataFrame({"a": [1]}))
+
+
+def test_auc_claims_on_three_class_predictions_use_the_macro_one_vs_rest_auc():
+    rng = np.random.default_rng(2)
+    y = np.arange(45) % 3
+    frames = []
+    for method, gain in (("A", 2.0), ("B", 0.3)):
+        for s in range(5):
+            logits = rng.normal(size=(45, 3)) + gain * np.eye(3)[y]
+            p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+            frames.append(pd.DataFrame({"method": method, "seed": s, "slide_id": np.arange(45), "target": y,
+                                        **{f"prob_{k}": p[:, k] for k in range(3)}}))
+    frame = pd.concat(frames, ignore_index=True)
+    row = C.claims_table([C.Claim("A beats B", "A", "B", "auc")], predictions=frame, n_resamples=300).iloc[0]
+    macro = stats.macro_auc_metric(3)
+    per_method = frame.groupby(["method", "seed"]).apply(macro).groupby("method").mean()
+    assert row["mean_a"] == pytest.approx(per_method["A"]) and row["mean_b"] == pytest.approx(per_method["B"])
+    assert row["verdict"] == "supported" and row["interval"].startswith("hierarchical bootstrap")

@@ -67,6 +67,36 @@ def test_resampled_auc_equals_sklearn_on_each_resampled_frame():
     assert metric.resampled(frame, np.ones((1, 25), int))[0] == pytest.approx(metric(frame), abs=1e-12)
 
 
+def three_class_frame(n_slides=30, seed=5, gain=1.0) -> pd.DataFrame:
+    """Softmax probabilities over 3 classes (rounded logits: tied scores), the true class favoured by ``gain``."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n_slides) % 3
+    logits = np.round(rng.normal(size=(n_slides, 3)) + gain * np.eye(3)[y], 1)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return pd.DataFrame({"target": y, **{f"prob_{k}": p[:, k] for k in range(3)}})
+
+
+def test_resampled_macro_auc_equals_sklearn_ovr_on_each_resampled_frame():
+    frame = three_class_frame()
+    metric = stats.macro_auc_metric(3)
+    probs = frame[["prob_0", "prob_1", "prob_2"]].to_numpy()
+    assert metric(frame) == pytest.approx(roc_auc_score(frame["target"], probs, multi_class="ovr", average="macro"))
+    rng = np.random.default_rng(4)
+    counts = rng.multinomial(30, np.full(30, 1 / 30), size=30)
+    counts[0] = np.where(frame["target"] == 2, 0, 2)  # one resample without class 2: undefined
+    fast = metric.resampled(frame, counts)
+    assert np.isnan(fast[0])
+    for c, value in zip(counts[1:], fast[1:]):
+        rows = frame.iloc[np.repeat(np.arange(30), c)]
+        expected = roc_auc_score(rows["target"], rows[["prob_0", "prob_1", "prob_2"]].to_numpy(),
+                                 multi_class="ovr", average="macro")
+        assert value == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="binary: auc_metric"):
+        stats.macro_auc_metric(2)
+    with pytest.raises(ValueError, match="class indices 0..2"):
+        metric.prepare(frame.assign(target=frame["target"] + 1))
+
+
 def test_resampled_c_index_equals_scikit_survival_with_tied_times_and_risks():
     from sksurv.metrics import concordance_index_censored
 
