@@ -194,3 +194,17 @@ def test_config_overrides_change_one_variants_schedule_only(data):
     assert grid.stability.groupby("method")["epoch"].max().to_dict() == {"ABMIL": 2, "ASMIL without anchor": 3}
     with pytest.raises(ValueError, match="not run"):
         A.run_dynamics(data, ["ABMIL"], [0], config, config_overrides={"ASMIL": {"epochs": 3}}, progress=False)
+
+
+def test_the_aem_control_has_no_anchor_and_only_the_entropy_term():
+    import torch
+
+    from milstudy.models import build_model
+
+    registry, kwargs = A.variant_spec("ABMIL + AEM (β = 1)")
+    model = build_model(registry, 8, 2, **kwargs).train()
+    out = model(torch.randn(1, 12, 8))
+    attention = out.attention.mean(1)[0]
+    entropy = -(attention * attention.log()).sum()
+    assert model.anchor is None and set(out.aux_losses) == {"aem"}
+    torch.testing.assert_close(out.aux_losses["aem"], -entropy)
