@@ -82,17 +82,21 @@ def save_figure(fig: Any, name: str, dpi: int = 120) -> Path:
     return path
 
 
+MARKDOWN_MAX_ROWS = 1000  # a longer table's Markdown copy holds its first rows; the CSV holds all of them
+
+
 def save_table(df: Any, name: str, floatfmt: str = ".4g") -> Path:
-    """Save a DataFrame as ``<name>.csv`` (full precision) and ``<name>.md`` (for the report); returns the CSV path."""
+    """Save a DataFrame as ``<name>.csv`` (full precision) and ``<name>.md`` (for the report: the first
+    ``MARKDOWN_MAX_ROWS`` rows and a line saying so when there are more); returns the CSV path."""
     import pandas as pd
 
     csv_path = _output_path(name, ".csv")
     md_path = csv_path.with_suffix(".md")
     keep_index = not isinstance(df.index, pd.RangeIndex)
-    for path, text in (
-        (csv_path, df.to_csv(index=keep_index)),
-        (md_path, df.to_markdown(index=keep_index, floatfmt=floatfmt) + "\n"),
-    ):
+    markdown = df.head(MARKDOWN_MAX_ROWS).to_markdown(index=keep_index, floatfmt=floatfmt) + "\n"
+    if len(df) > MARKDOWN_MAX_ROWS:
+        markdown += f"\n_The first {MARKDOWN_MAX_ROWS} of {len(df)} rows; all of them are in {csv_path.name}._\n"
+    for path, text in ((csv_path, df.to_csv(index=keep_index)), (md_path, markdown)):
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -421,6 +425,8 @@ def _study_section(study: Study, profile_dir: Path, profile: str) -> list[str]:
                 if rows <= INLINE_TABLE_ROWS:
                     lines += [f"**{path.stem}** ([CSV]({link}))", "", table, ""]
                 else:  # long per-run / per-slide tables stay in their files; the index stays readable
+                    with open(path) as handle:
+                        rows = sum(1 for _ in handle) - 1  # the CSV has them all (the Markdown copy may not)
                     lines += [f"**{path.stem}** ([CSV]({link}), [Markdown]({link[:-4]}.md)): {rows} rows, "
                               "not shown here", ""]
         lines += [f"Executed notebook: [{run.get('executed_notebook')}]"

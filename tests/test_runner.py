@@ -312,6 +312,10 @@ def test_report_indexes_figures_tables_and_provenance(batch, tmp_path):
     text = runner.write_report("smoke", **{**tree.locations(), "results_root": results}).read_text()
     assert f"[Markdown](good/per_slide.md)): {runner.INLINE_TABLE_ROWS + 1} rows, not shown here" in text
     assert "| s0 " not in text and (results / "smoke" / "good" / "schedule.md").read_text().strip() in text
+    longer = pd.concat([long] * 3, ignore_index=True)  # a Markdown copy cut short: the row count is the CSV's
+    longer.to_csv(results / "smoke" / "good" / "per_slide.csv", index=False)
+    text = runner.write_report("smoke", **{**tree.locations(), "results_root": results}).read_text()
+    assert f"[Markdown](good/per_slide.md)): {len(longer)} rows, not shown here" in text
     assert not (tree.results_root / "smoke" / "good" / "per_slide.csv").exists()
 
 
@@ -335,6 +339,12 @@ def test_helpers_write_into_the_output_dir(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["line.png", "scores.csv", "scores.md"]
     with pytest.raises(ValueError, match="plain file name"):
         runner.save_table(pd.DataFrame(), "../escape")
+    n = runner.MARKDOWN_MAX_ROWS + 5
+    long = runner.save_table(pd.DataFrame({"x": range(n)}), "long")
+    assert len(long.read_text().splitlines()) == n + 1  # the CSV: header + every row
+    markdown = long.with_suffix(".md").read_text().splitlines()
+    assert len(markdown) == 2 + runner.MARKDOWN_MAX_ROWS + 2  # header, rule, the first rows, a blank line, the note
+    assert markdown[-1] == f"_The first {runner.MARKDOWN_MAX_ROWS} of {n} rows; all of them are in long.csv._"
 
 
 def test_helpers_fall_back_to_interactive_folder(tmp_path, monkeypatch):
