@@ -7,8 +7,8 @@ classification task) so that notebooks 20 and 23 run unchanged on it: CAMELYON-1
 official 270 / 129 split as ``split`` train / test), CAMELYON-17 (a centre split as ``split``), or BRACS
 (``data_manifests/bracs.csv``: ``label_3`` with ``classes`` declared, 3 classes as in the paper's tables, whose AUC
 claims are then the macro one-vs-rest AUC; or ``positive=["malignant"]`` for malignant vs the rest). Without
-validation rows, a stratified ``val_share`` of the training slides (seeded) becomes the validation split; every
-split must hold every class. Instance labels (for localization) come with the feature files or from
+validation rows, about ``val_share`` of the training slides becomes the validation split (whole patients,
+stratified by the target, seeded: ``milstudy.data.manifests.patient_split``); every split must hold every class. Instance labels (for localization) come with the feature files or from
 ``instance_label_dir``.
 """
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from milstudy.papers.asmil import AsmilData
 
@@ -86,7 +87,7 @@ def manifest_bags(manifest: str | os.PathLike, feature_dir: str | os.PathLike, t
                         bag.case_id))
     n_classes = len(set(to_task.values()))
     if "val" not in set(splits):
-        splits = _carve_validation(splits, np.array([b.target for b in bags]), n_classes, val_share, seed)
+        splits = _carve_validation(dataset.manifest, splits, [b.target for b in bags], val_share, seed)
     out = {split: [b for b, s in zip(bags, splits) if s == split] for split in SPLITS}
     for split, members in out.items():
         labels = {b.target for b in members}
@@ -97,14 +98,15 @@ def manifest_bags(manifest: str | os.PathLike, feature_dir: str | os.PathLike, t
                                                None if positive is None else tuple(map(str, positive))))
 
 
-def _carve_validation(splits: np.ndarray, labels: np.ndarray, n_classes: int, share: float, seed: int) -> np.ndarray:
-    """``splits`` with a stratified ``share`` of each class's training slides (at least one) set to "val"."""
-    rng = np.random.default_rng([seed, 11])
-    splits = splits.copy()
-    for label in range(n_classes):
-        members = np.flatnonzero((splits == "train") & (labels == label))
-        if len(members) < 2:
-            continue
-        n = max(1, int(round(share * len(members))))
-        splits[rng.choice(members, size=n, replace=False)] = "val"
-    return splits
+def _carve_validation(table, splits: np.ndarray, targets: Sequence[int], share: float, seed: int) -> np.ndarray:
+    """``splits`` with about ``share`` of the training slides set to "val": whole patients (``case_id``; the slide
+    where there is none), stratified by the task's target (:func:`milstudy.data.manifests.patient_split`)."""
+    from milstudy.data.manifests import patient_split
+
+    frame = pd.DataFrame({"case_id": table["case_id"] if "case_id" in table else table["slide_id"],
+                          "target": list(targets), "split": splits}).astype({"case_id": str})
+    train = frame["split"] == "train"
+    carved = patient_split(frame[train], val=share, test=0.0, stratify="target", seed=seed)
+    out = splits.copy()
+    out[train.to_numpy()] = carved["split"].to_numpy(str)
+    return out

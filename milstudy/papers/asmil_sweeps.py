@@ -56,21 +56,22 @@ ABLATION_CELLS = ((True, True, True), (True, False, True), (True, True, False), 
                   (False, False, False))
 
 
+def _cell_variant(cell: tuple[bool, bool, bool], lam: float) -> tuple[float, str, bool]:
+    """(anchor weight, target, rd) of an (anchor, NSF target, rd) cell at anchor weight ``lam``."""
+    anchor, nsf_target, token_drop = cell
+    return (lam if anchor else 0.0, "nsf" if nsf_target else "softmax", token_drop)
+
+
 def cell_name(cell: tuple[bool, bool, bool], lam: float) -> str:
     """The variant name of an (anchor, NSF target, rd) cell at anchor weight ``lam``."""
-    anchor, nsf_target, token_drop = cell
-    return asmil_name(lam if anchor else 0.0, "nsf" if nsf_target else "softmax", token_drop)
+    return asmil_name(*_cell_variant(cell, lam))
 
 
 def sweep_specs(lambdas: Sequence[float], ablation_lambda: float) -> dict[str, tuple[str, dict[str, Any]]]:
     """Every variant of the sweep and the ablation, name -> (registry, kwargs), in run order."""
-    specs = {asmil_name(lam): asmil_spec(lam) for lam in sorted(set(lambdas) | {0.0})}
-    for cell in ABLATION_CELLS:
-        anchor, nsf_target, token_drop = cell
-        specs.setdefault(cell_name(cell, ablation_lambda),
-                         asmil_spec(ablation_lambda if anchor else 0.0, "nsf" if nsf_target else "softmax",
-                                    token_drop))
-    return specs
+    variants = [(lam, "nsf", True) for lam in sorted(set(lambdas) | {0.0})]
+    variants += [_cell_variant(cell, ablation_lambda) for cell in ABLATION_CELLS]
+    return {asmil_name(*v): asmil_spec(*v) for v in variants}  # a cell that is also a sweep point keeps its place
 
 
 def overfitting(history: pd.DataFrame, metric: str = "val_auc") -> pd.DataFrame:
@@ -102,6 +103,19 @@ def lambda_table(per_seed: pd.DataFrame, lambdas: Sequence[float]) -> pd.DataFra
     table = mean_std(frame, "method", ["test_auc", "test_f1_macro", "val_auc", "late_entropy", "late_jsd"])
     table.insert(1, "anchor_lambda", table["method"].map(names))
     return table.sort_values("anchor_lambda").reset_index(drop=True)
+
+
+def ablation_table(per_seed: pd.DataFrame, ablation_lambda: float) -> pd.DataFrame:
+    """S5: one row per ablation cell that ran, in the paper's order, with its ✓ / ✗ for anchor, NSF target and rd
+    and mean ± sd over seeds (ddof=1) of test AUC, macro-F1 and late normalised entropy."""
+    from milstudy.papers.grids import mean_std
+
+    cells = {cell_name(cell, ablation_lambda): cell for cell in ABLATION_CELLS}
+    ran = [name for name in cells if name in set(per_seed["method"])]
+    table = mean_std(per_seed[per_seed["method"].isin(ran)], "method", ["test_auc", "test_f1_macro", "late_entropy"])
+    for i, part in enumerate(["anchor", "NSF", "rd"]):
+        table.insert(1 + i, part, table["method"].map(lambda m, i=i: "✓" if cells[m][i] else "✗"))
+    return table.set_index("method").loc[ran].reset_index()
 
 
 def sweep_claims(result: Any, lambdas: Sequence[float], ablation_lambda: float, n_resamples: int = 2000,

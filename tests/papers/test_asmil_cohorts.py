@@ -88,3 +88,14 @@ def test_three_classes_stay_three_and_their_auc_claims_are_macro(tmp_path):
     assert {"prob_0", "prob_1", "prob_2"} <= set(result.predictions)
     table = A.dynamics_claims(result, n_resamples=200)
     assert (table.loc[table["metric"] == "auc", "n_slides"] == 12).all()
+
+
+def test_the_validation_carve_out_keeps_a_patient_s_slides_together(tmp_path):
+    labels = [LABELS[2 * (i // 2) % 3] for i in range(40)]  # slides 2k and 2k + 1: one patient, one class
+    manifest, features = _cohort(tmp_path, ["test" if i >= 28 else "train" for i in range(40)], labels)
+    frame = pd.read_csv(manifest)
+    frame.assign(case_id=[f"p{i // 2}" for i in range(40)]).to_csv(manifest, index=False)
+    data = manifest_bags(manifest, features, "label_3", LABELS)
+    split_of = {b.slide_id: split for split, bags in data.bags.items() for b in bags}
+    assert all(split_of[f"s{2 * k}"] == split_of[f"s{2 * k + 1}"] for k in range(20))
+    assert 2 <= len(data.bags["val"]) <= 8 and {b.target for b in data.bags["val"]} == {0, 1, 2}

@@ -69,6 +69,11 @@ def sweep():
 
 
 def test_sweep_tables_and_claims(sweep):
+    ablation = S.ablation_table(sweep.per_seed(), 0.1)
+    assert ablation["method"].tolist() == [S.cell_name(cell, 0.1) for cell in S.ABLATION_CELLS]
+    assert ablation[["anchor", "NSF", "rd"]].values.tolist()[1] == ["✓", "✗", "✓"] and (ablation["n"] == 2).all()
+    only_two = S.ablation_table(sweep.per_seed().query("method in ['ASMIL (λ = 0.1)', 'ASMIL without anchor']"), 0.1)
+    assert only_two["method"].tolist() == ["ASMIL (λ = 0.1)", "ASMIL without anchor"]  # cells that ran, in order
     table = S.lambda_table(sweep.per_seed(), [0.1])
     assert table["anchor_lambda"].tolist() == [0.0, 0.1] and (table["n"] == 2).all()
     bands = S.curves(sweep.history)
