@@ -77,12 +77,15 @@ WORLD_OVERRIDES = {"witness_rate": (0.005, 0.1), "n_patches": (200, 800)}
 
 @dataclass
 class AsmilData:
-    """Feature bags per split (``milstudy.data.bags.Bag``), the task, the world and the flipped training slides."""
+    """Feature bags per split (``milstudy.data.bags.Bag``), the task, the world and the flipped training slides;
+    ``patch_classes[slide_id]``: int ``[N]`` per-patch lesion classes where a world has more than lesion / not
+    (the BRACS-like world's 0 benign, 1 atypical, 2 malignant; ``instance_labels`` stay lesion / not)."""
 
     bags: dict[str, list]
     task: Any
     world: Any
     flipped: list[str] = field(default_factory=list)
+    patch_classes: dict[str, Any] = field(default_factory=dict)
 
 
 def asmil_bags(profile: str = "cpu", seed: int = 1, label_noise: float = 0.1, n_slides: int | None = None,

@@ -176,7 +176,7 @@ def grow_foci(cells: np.ndarray, n_cells: int, n_foci: int, free: np.ndarray, rn
 
 
 # --------------------------------------------------------------------------------------------------- the world
-def _directions(world: DescriptorWorld) -> dict[str, np.ndarray]:
+def cue_directions(world: DescriptorWorld) -> dict[str, np.ndarray]:
     """Orthonormal cue directions of the world (drawn from its seed)."""
     rng = np.random.default_rng([world.seed, 7])
     basis, _ = np.linalg.qr(rng.normal(size=(world.dim, world.dim)))
@@ -303,7 +303,7 @@ def descriptor_cohort(world: DescriptorWorld, slide_seed: int | None = None) -> 
 
     slide_seed = world.seed if slide_seed is None else int(slide_seed)
     rng = np.random.default_rng([slide_seed, 1])
-    dirs = _directions(world)
+    dirs = cue_directions(world)
     labels = _classes(world, rng)
     splits = _splits(labels, world.fractions, rng)
     rows, slides = [], []
