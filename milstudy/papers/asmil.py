@@ -79,13 +79,15 @@ WORLD_OVERRIDES = {"witness_rate": (0.005, 0.1), "n_patches": (200, 800)}
 class AsmilData:
     """Feature bags per split (``milstudy.data.bags.Bag``), the task, the world and the flipped training slides;
     ``patch_classes[slide_id]``: int ``[N]`` per-patch lesion classes where a world has more than lesion / not
-    (the BRACS-like world's 0 benign, 1 atypical, 2 malignant; ``instance_labels`` stay lesion / not)."""
+    (the BRACS-like world's 0 benign, 1 atypical, 2 malignant; ``instance_labels`` stay lesion / not);
+    ``centres[slide_id]``: the slide's centre where a world has centres (the CAMELYON-17-like world)."""
 
     bags: dict[str, list]
     task: Any
     world: Any
     flipped: list[str] = field(default_factory=list)
     patch_classes: dict[str, Any] = field(default_factory=dict)
+    centres: dict[str, int] = field(default_factory=dict)
 
 
 def asmil_bags(profile: str = "cpu", seed: int = 1, label_noise: float = 0.1, n_slides: int | None = None,
@@ -129,7 +131,7 @@ def variant_spec(name: str, small: bool = False, overrides: Mapping[str, Mapping
     registry, kwargs = table[name]
     kwargs = dict(kwargs)
     if small and registry.startswith("asmil"):
-        kwargs.update(SMALL_ASMIL)
+        kwargs = {**SMALL_ASMIL, **kwargs}  # a variant's own size (e.g. S8's number of tokens K) wins
     kwargs.update((overrides or {}).get(name, {}))
     return registry, kwargs
 

@@ -3,7 +3,9 @@ on the S1 world of notebook 20 (:func:`milstudy.papers.asmil.asmil_bags`) and wi
 (:func:`milstudy.papers.asmil.run_dynamics`).
 
 - **S8, the anchor weight λ** (Figs. 9-11: "λ plateaus beyond a small value"): ASMIL at λ = 0 (the bare network:
-  λ = 0 trains bit-identically to it, spec §6.8) and at every λ of the sweep, NSF target, β = 0.999 per step.
+  λ = 0 trains bit-identically to it, spec §6.8) and at every λ of the sweep, NSF target, β = 0.999 per step;
+  and the token sweeps (Table 10: "the drop rate peaks within 0.4-0.7"): the number of FEAT tokens K and the drop
+  rate, one at a time, at the ablation's anchor weight (:func:`token_specs`, :func:`token_table`).
 - **S5, the ablation** (Tables 3, 12): anchor / NSF target / token random dropping (rd) switched off one at a
   time at one anchor weight (``ablation_lambda``): ✓✓✓, ✓✗✓ (softmax anchor target), ✓✓✗ (no rd), ✗✗✓ (no
   anchor), ✗✗✗ (neither).
@@ -28,8 +30,10 @@ from milstudy.analysis.claims import Claim, claims_table
 BASELINE = "ABMIL"  # S9's reference curve
 
 
-def asmil_name(lam: float, target: str = "nsf", token_drop: bool = True) -> str:
-    """The variant name of ASMIL at anchor weight ``lam`` (0 = no anchor), anchor ``target``, with/without rd."""
+def asmil_name(lam: float, target: str = "nsf", token_drop: bool = True, n_tokens: int | None = None,
+               drop_rate: float | None = None) -> str:
+    """The variant name of ASMIL at anchor weight ``lam`` (0 = no anchor), anchor ``target``, with/without rd, and
+    (S8) a number of FEAT tokens ``n_tokens`` / a drop rate ``drop_rate`` other than the profile's (None)."""
     if lam < 0:
         raise ValueError(f"asmil_name: the anchor weight must be >= 0, got {lam}")
     if target not in ("nsf", "softmax"):
@@ -40,12 +44,21 @@ def asmil_name(lam: float, target: str = "nsf", token_drop: bool = True) -> str:
         parts.append("softmax anchor target")
     if not token_drop:
         parts.append("no token drop")
+    if n_tokens is not None:
+        parts.append(f"K = {n_tokens}")
+    if drop_rate is not None:
+        parts.append(f"rd {drop_rate:g}")
     return ", ".join(parts)
 
 
-def asmil_spec(lam: float, target: str = "nsf", token_drop: bool = True) -> tuple[str, dict[str, Any]]:
+def asmil_spec(lam: float, target: str = "nsf", token_drop: bool = True, n_tokens: int | None = None,
+               drop_rate: float | None = None) -> tuple[str, dict[str, Any]]:
     """(registry name, kwargs) of :func:`asmil_name`'s variant: ``asmil_net`` without anchor, else ``asmil``."""
     kwargs: dict[str, Any] = {} if token_drop else {"drop_rate": 0.0}
+    if n_tokens is not None:
+        kwargs["n_tokens"] = int(n_tokens)
+    if drop_rate is not None:
+        kwargs["drop_rate"] = float(drop_rate)
     if lam == 0:
         return "asmil_net", kwargs
     return "asmil", {**kwargs, "anchor_lambda": float(lam), **({"anchor_target": target} if target != "nsf" else {})}
@@ -72,6 +85,54 @@ def sweep_specs(lambdas: Sequence[float], ablation_lambda: float) -> dict[str, t
     variants = [(lam, "nsf", True) for lam in sorted(set(lambdas) | {0.0})]
     variants += [_cell_variant(cell, ablation_lambda) for cell in ABLATION_CELLS]
     return {asmil_name(*v): asmil_spec(*v) for v in variants}  # a cell that is also a sweep point keeps its place
+
+
+def token_specs(n_tokens: Sequence[int], drop_rates: Sequence[float], lam: float, profile: tuple[int, float]
+                ) -> dict[str, tuple[str, dict[str, Any]]]:
+    """S8's token sweeps at anchor weight ``lam``: ASMIL with each number of FEAT tokens K of ``n_tokens`` (the
+    profile's drop rate) and with each drop rate of ``drop_rates`` (the profile's K); name -> (registry, kwargs).
+    ``profile``: the profile's (K, drop rate) (:func:`profile_tokens`), whose model is the full ablation cell
+    :func:`asmil_name` ``(lam)``: a K or a rate that gives that same model (tokens dropped per step: round(rK)),
+    or no kept or no dropped token, is refused."""
+    k0, r0 = profile
+    problems = [f"K = {k} (need >= 2, not the profile's {k0})" for k in n_tokens if k < 2 or k == k0]
+    problems += [f"drop rate {r:g} (drops round({r:g} x {k0}) = {round(r * k0)} of {k0} tokens; need 1 .. {k0 - 1}, "
+                 f"not the profile's {round(r0 * k0)})" for r in drop_rates
+                 if not 0 < r < 1 or not 1 <= round(r * k0) < k0 or round(r * k0) == round(r0 * k0)]
+    if problems:
+        raise ValueError("token_specs: " + "; ".join(problems))
+    variants = [{"n_tokens": int(k)} for k in n_tokens] + [{"drop_rate": float(r)} for r in drop_rates]
+    return {asmil_name(lam, **v): asmil_spec(lam, **v) for v in variants}
+
+
+def profile_tokens(small: bool) -> tuple[int, float]:
+    """(K, drop rate) of ASMIL in a profile: the cpu profile's small ASMIL or the model's defaults (spec §2.9)."""
+    import inspect
+
+    from milstudy.models.asmil import ASMILNet
+    from milstudy.papers.asmil import SMALL_ASMIL
+
+    defaults = inspect.signature(ASMILNet).parameters
+    k = SMALL_ASMIL["n_tokens"] if small else defaults["n_tokens"].default
+    return int(k), float(defaults["drop_rate"].default)
+
+
+def token_table(per_seed: pd.DataFrame, specs: dict[str, tuple[str, dict[str, Any]]], reference: str,
+                n_tokens: int, drop_rate: float) -> pd.DataFrame:
+    """S8: one row per token-sweep variant that ran and the ``reference`` cell (the profile's ``n_tokens`` K and
+    ``drop_rate``), with its K, drop rate, tokens dropped per step (round(rK)) and mean ± sd over seeds (ddof=1)
+    of test AUC, macro-F1 and late normalised entropy; sorted by K, then drop rate."""
+    from milstudy.papers.grids import mean_std
+
+    settings = {reference: (n_tokens, drop_rate)}
+    settings.update({name: (kw.get("n_tokens", n_tokens), kw.get("drop_rate", drop_rate))
+                     for name, (_, kw) in specs.items()})
+    ran = [name for name in settings if name in set(per_seed["method"])]
+    table = mean_std(per_seed[per_seed["method"].isin(ran)], "method", ["test_auc", "test_f1_macro", "late_entropy"])
+    table.insert(1, "K", table["method"].map(lambda m: settings[m][0]))
+    table.insert(2, "drop_rate", table["method"].map(lambda m: settings[m][1]))
+    table.insert(3, "n_drop", [round(r * k) for k, r in zip(table["K"], table["drop_rate"])])
+    return table.sort_values(["K", "drop_rate"]).reset_index(drop=True)
 
 
 def overfitting(history: pd.DataFrame, metric: str = "val_auc") -> pd.DataFrame:
@@ -118,10 +179,15 @@ def ablation_table(per_seed: pd.DataFrame, ablation_lambda: float) -> pd.DataFra
     return table.set_index("method").loc[ran].reset_index()
 
 
+DROP_RATE_PEAK = (0.4, 0.7)  # Table 10 / S8: the drop rate peaks within this band
+
+
 def sweep_claims(result: Any, lambdas: Sequence[float], ablation_lambda: float, n_resamples: int = 2000,
-                 seed: int = 0) -> pd.DataFrame:
+                 seed: int = 0, drop_rates: Sequence[float] = (), profile_rate: float = 0.5) -> pd.DataFrame:
     """The claims table of notebook 23 (rows whose methods did not run are left out): AUC rows by hierarchical
-    bootstrap over seeds and test slides, ``val_auc_fall`` (S9) by the paired t over seeds."""
+    bootstrap over seeds and test slides, ``val_auc_fall`` (S9) by the paired t over seeds; with ``drop_rates``
+    (S8's sweep at the profile's K) one row per rate outside :data:`DROP_RATE_PEAK`: the profile's rate
+    ``profile_rate`` (inside it) beats that rate (rates inside the band make no claim the paper states)."""
     a = ablation_lambda
     full, no_anchor = asmil_name(a), asmil_name(0)
     paper = {1.0: (0.916, 0.866, "AUC (BRACS)")}  # Table 12 at the paper's λ = 1
@@ -141,6 +207,12 @@ def sweep_claims(result: Any, lambdas: Sequence[float], ablation_lambda: float, 
         Claim("ASMIL overfits less than ABMIL (smaller fall of validation AUC from its peak)", full, BASELINE,
               "val_auc_fall", "less", source="Fig. 12 (S9)"),
     ]
+    low, high = DROP_RATE_PEAK
+    if drop_rates and not low <= profile_rate <= high:
+        raise ValueError(f"sweep_claims: profile_rate {profile_rate:g} lies outside the paper's peak {DROP_RATE_PEAK}")
+    rows += [Claim(f"ASMIL's drop rate {profile_rate:g} beats {r:g} (the rate peaks within {low:g}-{high:g})", full,
+                   asmil_name(a, drop_rate=r), "auc", "greater", source="Figs. 9-11, Table 10 (S8)")
+             for r in drop_rates if not low <= r <= high]
     ran = set(result.runs["method"])
     claims = [c for c in rows if c.method_a in ran and c.method_b in ran]
     if not claims:

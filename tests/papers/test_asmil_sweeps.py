@@ -90,3 +90,44 @@ def test_sweep_tables_and_claims(sweep):
 def test_unknown_variants_still_fail_with_the_extra_specs():
     with pytest.raises(ValueError, match="unknown ASMIL study variant 'ASMIL .λ = 7.'"):
         A.variant_spec("ASMIL (λ = 7)", specs=S.sweep_specs([0.1], 1.0))
+
+
+def test_token_sweep_specs_keep_their_size_in_the_small_profile():
+    specs = S.token_specs([2, 8], [0.25, 0.75], lam=0.003, profile=(4, 0.5))
+    assert list(specs) == ["ASMIL (λ = 0.003), K = 2", "ASMIL (λ = 0.003), K = 8", "ASMIL (λ = 0.003), rd 0.25",
+                           "ASMIL (λ = 0.003), rd 0.75"]
+    registry, kwargs = A.variant_spec("ASMIL (λ = 0.003), K = 8", small=True, specs=specs)
+    assert kwargs["n_tokens"] == 8 and kwargs["dim"] == A.SMALL_ASMIL["dim"]  # the variant's K beats the profile's
+    model = build_model(registry, 8, 2, **kwargs)
+    assert model.online.n_tokens == 8 and model.online.n_drop == 4 and model.lam == 0.003
+    rate = build_model(*A.variant_spec("ASMIL (λ = 0.003), rd 0.75", small=True, specs=specs)[:1], 8, 2,
+                       **A.variant_spec("ASMIL (λ = 0.003), rd 0.75", small=True, specs=specs)[1])
+    assert rate.online.n_tokens == A.SMALL_ASMIL["n_tokens"] and rate.online.n_drop == 3  # round(0.75 * 4)
+    assert A.variant_spec("ASMIL", small=True)[1]["n_tokens"] == A.SMALL_ASMIL["n_tokens"]  # unchanged default
+    for bad in ({"n_tokens": [4]}, {"drop_rates": [0.625]}, {"drop_rates": [0.9]}, {"drop_rates": [0.05]}):
+        # the profile's own K, a rate dropping the profile's 2 of 4, all but none kept, none dropped
+        with pytest.raises(ValueError, match="token_specs"):
+            S.token_specs(bad.get("n_tokens", []), bad.get("drop_rates", []), lam=0.003, profile=(4, 0.5))
+
+
+def test_token_table_and_the_drop_rate_claims(sweep):
+    per_seed = sweep.per_seed()
+    reference = S.asmil_name(0.1)
+    fake = per_seed[per_seed["method"] == reference].assign(method=S.asmil_name(0.1, drop_rate=0.25))
+    specs = S.token_specs([], [0.25], lam=0.1, profile=(4, 0.5))
+    table = S.token_table(pd.concat([per_seed, fake]), specs, reference, n_tokens=4, drop_rate=0.5)
+    assert table[["K", "drop_rate", "n_drop"]].values.tolist() == [[4, 0.25, 1], [4, 0.5, 2]]
+    assert (table["n"] == 2).all()
+    # the drop-rate claim row appears when that rate ran: here a copy of the reference under the rate's name
+    import dataclasses
+
+    name = S.asmil_name(0.1, drop_rate=0.25)
+    copy = {f: pd.concat([getattr(sweep, f), getattr(sweep, f)[getattr(sweep, f)["method"] == reference].assign(method=name)])
+            for f in ("runs", "predictions", "stability", "history", "localization")}
+    claims = S.sweep_claims(dataclasses.replace(sweep, **copy), [0.1], 0.1, n_resamples=200,
+                            drop_rates=[0.25, 0.6, 0.75])  # 0.6: inside the paper's peak, no claim; 0.75 did not run
+    row = claims[claims["method_b"] == name]
+    assert len(claims) == 8 and len(row) == 1 and row["difference"].iloc[0] == pytest.approx(0.0)
+    assert row["claim"].iloc[0] == "ASMIL's drop rate 0.5 beats 0.25 (the rate peaks within 0.4-0.7)"
+    with pytest.raises(ValueError, match="outside the paper's peak"):
+        S.sweep_claims(sweep, [0.1], 0.1, drop_rates=[0.25], profile_rate=0.25)
