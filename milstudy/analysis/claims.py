@@ -108,7 +108,7 @@ DEFAULT_METRICS: dict[str, Callable[[], stats.Metric]] = {
 }
 
 
-def _default_metric(name: str, frame: pd.DataFrame) -> stats.Metric:
+def default_metric(name: str, frame: pd.DataFrame) -> stats.Metric:
     """The default metric of ``name``; "auc" is the macro one-vs-rest AUC when the frame has three or more
     ``prob_k`` columns (multi-class predictions), the binary AUC of ``prob_1`` otherwise."""
     n_classes = 0
@@ -126,7 +126,7 @@ def _resolve(claim: Claim, predictions: pd.DataFrame | Mapping[str, pd.DataFrame
     if frame is not None:
         metric = metrics.get(claim.metric)
         if metric is None and claim.metric in DEFAULT_METRICS:
-            metric = _default_metric(claim.metric, frame)
+            metric = default_metric(claim.metric, frame)
         if metric is not None and (not isinstance(metric, stats.Metric) or all(c in frame for c in metric.columns)):
             return "bootstrap", metric, frame
     if per_seed is not None and claim.metric in per_seed:

@@ -57,20 +57,13 @@ def run_worlds(worlds: Mapping[str, asmil.AsmilData], variants: Sequence[str], s
     return out
 
 
-def _per_seed(results: Mapping[str, asmil.Dynamics]) -> pd.DataFrame:
-    return pd.concat([r.runs.assign(world=w) for w, r in results.items()], ignore_index=True)
-
-
 def main_table(results: Mapping[str, asmil.Dynamics]) -> pd.DataFrame:
-    """One row per (world, method): ``<metric>_mean`` / ``_std`` (ddof = 1) over seeds of test AUC (macro
-    one-vs-rest with 3 classes), macro-F1, accuracy and validation AUC, and ``n_seeds``."""
-    runs = _per_seed(results)
-    columns = ["test_auc", "test_f1_macro", "test_accuracy", "val_auc"]
-    grouped = runs.groupby(["world", "method"], sort=False)
-    table = grouped[columns].agg(["mean", "std"])
-    table.columns = [f"{c}_{s}" for c, s in table.columns]
-    table["n_seeds"] = grouped["seed"].nunique()
-    return table.reset_index()
+    """One row per (world, method): mean ± sd over seeds (ddof = 1; :func:`milstudy.papers.grids.mean_std`) of
+    test AUC (macro one-vs-rest with 3 classes), macro-F1, accuracy and validation AUC, and ``n`` (runs)."""
+    from milstudy.papers.grids import mean_std
+
+    runs = pd.concat([r.runs.assign(world=w) for w, r in results.items()], ignore_index=True)
+    return mean_std(runs, ["world", "method"], ["test_auc", "test_f1_macro", "test_accuracy", "val_auc"])
 
 
 # (statement, A, B, metric, direction, source); the paper's numbers come from TABLE_12 where it has them, and
@@ -106,15 +99,14 @@ def main_claims(results: Mapping[str, asmil.Dynamics], n_resamples: int = 2000, 
     """The rows of :data:`MAIN_CLAIMS` per world whose methods ran (``world`` column; methods named
     ``"<world>: <method>"``): AUC from per-slide test predictions by hierarchical bootstrap (seeds, then slides;
     macro one-vs-rest on a 3-class world), macro-F1 by the paired t over seeds; Holm across every row."""
-    from milstudy.analysis import stats
+    from milstudy.analysis.claims import default_metric
 
     claims, predictions, metrics, per_seed = [], {}, {}, []
     for world, result in results.items():
         ran = set(result.runs["method"])
-        n_classes = sum(c.startswith("prob_") for c in result.predictions.columns)
-        auc = f"auc ({world})"
+        auc = f"auc ({world})"  # one metric name per world: binary AUC here, macro one-vs-rest on 3 classes
         predictions[auc] = result.predictions.assign(method=lambda f: _label(world, "") + f["method"])
-        metrics[auc] = stats.macro_auc_metric(n_classes) if n_classes >= 3 else stats.auc_metric()
+        metrics[auc] = default_metric("auc", result.predictions)
         per_seed.append(result.runs.rename(columns={"test_f1_macro": "f1_macro"}).assign(
             method=lambda f: _label(world, "") + f["method"]))
         for statement, a, b, metric, direction, source in MAIN_CLAIMS:

@@ -117,14 +117,16 @@ def profile_tokens(small: bool) -> tuple[int, float]:
     return int(k), float(defaults["drop_rate"].default)
 
 
-def token_table(per_seed: pd.DataFrame, specs: dict[str, tuple[str, dict[str, Any]]], reference: str,
-                n_tokens: int, drop_rate: float) -> pd.DataFrame:
-    """S8: one row per token-sweep variant that ran and the ``reference`` cell (the profile's ``n_tokens`` K and
-    ``drop_rate``), with its K, drop rate, tokens dropped per step (round(rK)) and mean ± sd over seeds (ddof=1)
-    of test AUC, macro-F1 and late normalised entropy; sorted by K, then drop rate."""
+def token_table(per_seed: pd.DataFrame, specs: dict[str, tuple[str, dict[str, Any]]], lam: float,
+                profile: tuple[int, float]) -> pd.DataFrame:
+    """S8: one row per variant of :func:`token_specs` ``specs`` that ran, plus the full cell at anchor weight
+    ``lam`` (the profile's K and drop rate, ``profile``) and its no-rd cell (rate 0), with K, drop rate, tokens
+    dropped per step (round(rK)) and mean ± sd over seeds (ddof=1) of test AUC, macro-F1 and late normalised
+    entropy; sorted by K, then drop rate."""
     from milstudy.papers.grids import mean_std
 
-    settings = {reference: (n_tokens, drop_rate)}
+    n_tokens, drop_rate = profile
+    settings = {asmil_name(lam): (n_tokens, drop_rate), asmil_name(lam, token_drop=False): (n_tokens, 0.0)}
     settings.update({name: (kw.get("n_tokens", n_tokens), kw.get("drop_rate", drop_rate))
                      for name, (_, kw) in specs.items()})
     ran = [name for name in settings if name in set(per_seed["method"])]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from milstudy.papers.asmil import AsmilData, asmil_bags
+from milstudy.train.tasks import ClassificationTask
 
 BRACS_CLASSES = ("benign", "atypical", "malignant")
 ATYPIA_DIRECTION = "g4"  # a direction of the S-vec world that its detection task never uses (grading's pattern 4)
@@ -69,13 +70,6 @@ def _flip_labels(data: AsmilData, n_classes: int, label_noise: float, seed: int)
         train[i] = replace(train[i], target=int((train[i].target + rng.integers(1, n_classes)) % n_classes))
     flipped = [train[i].slide_id for i in sorted(chosen)]
     return replace(data, bags={**data.bags, "train": train}, flipped=flipped)
-
-
-def _classification_task(bags: dict[str, list], classes: Sequence[int]) -> Any:
-    from milstudy.train.tasks import build_task
-
-    return build_task({"type": "classification", "classes": list(classes)},
-                      [b.target for split in bags.values() for b in split])
 
 
 def _clean_world(profile: str, seed: int, n_slides: int | None, overrides: dict[str, Any]) -> tuple[AsmilData, dict]:
@@ -125,7 +119,7 @@ def bracs_like_bags(profile: str = "cpu", seed: int = 1, label_noise: float = 0.
             out.append(replace(bag, features=features, target=target))
             patch_classes[bag.slide_id] = classes.numpy()
         bags[split] = out
-    shifted = AsmilData(bags, _classification_task(bags, range(3)), data.world, patch_classes=patch_classes)
+    shifted = AsmilData(bags, ClassificationTask(classes=3), data.world, patch_classes=patch_classes)
     return _flip_labels(shifted, 3, label_noise, seed)
 
 
@@ -172,5 +166,5 @@ def centre_shifted_bags(profile: str = "cpu", seed: int = 1, label_noise: float 
         val_ids |= {members[j].slide_id for j in rng.permutation(len(members))[:n_val]}
     bags["val"] = [b for b in bags["train"] if b.slide_id in val_ids]
     bags["train"] = [b for b in bags["train"] if b.slide_id not in val_ids]
-    shifted = AsmilData(bags, _classification_task(bags, range(2)), data.world, centres=centres)
+    shifted = AsmilData(bags, ClassificationTask(classes=2), data.world, centres=centres)
     return _flip_labels(shifted, 2, label_noise, seed)

@@ -115,8 +115,10 @@ def test_token_table_and_the_drop_rate_claims(sweep):
     reference = S.asmil_name(0.1)
     fake = per_seed[per_seed["method"] == reference].assign(method=S.asmil_name(0.1, drop_rate=0.25))
     specs = S.token_specs([], [0.25], lam=0.1, profile=(4, 0.5))
-    table = S.token_table(pd.concat([per_seed, fake]), specs, reference, n_tokens=4, drop_rate=0.5)
-    assert table[["K", "drop_rate", "n_drop"]].values.tolist() == [[4, 0.25, 1], [4, 0.5, 2]]
+    table = S.token_table(pd.concat([per_seed, fake]), specs, 0.1, profile=(4, 0.5))
+    assert table[["K", "drop_rate", "n_drop"]].values.tolist() == [[4, 0.0, 0], [4, 0.25, 1], [4, 0.5, 2]]
+    assert table["method"].tolist() == [S.asmil_name(0.1, token_drop=False), S.asmil_name(0.1, drop_rate=0.25),
+                                        reference]  # the no-rd cell ran in the sweep fixture
     assert (table["n"] == 2).all()
     # the drop-rate claim row appears when that rate ran: here a copy of the reference under the rate's name
     import dataclasses

@@ -134,7 +134,7 @@ def test_main_table_and_claims_cover_both_worlds(two_worlds):
     assert set(zip(table["world"], table["method"])) == {(w, m) for w in M.WORLDS for m in
                                                           ["ABMIL", "ABMIL + anchor + NSF", M.SMALL_LAMBDA,
                                                            "ASMIL without anchor"]}
-    assert (table["n_seeds"] == 2).all()
+    assert (table["n"] == 2).all()
     claims = M.main_claims(results, n_resamples=200)
     ran = {"A small anchor (λ = 0.003) raises ASMIL's macro-F1", "A small anchor (λ = 0.003) raises ASMIL's AUC",
            "The anchor + NSF raises ABMIL's macro-F1 (plug-in)", "The anchor + NSF raises ABMIL's AUC (plug-in)"}
