@@ -3,7 +3,9 @@
 Every module ``milstudy/bench/<topic>.py`` defines ``run(out_dir: Path, quick: bool) -> pandas.DataFrame``
 (or ``(frame, extras)`` with ``extras = {"markdown": header text, "meta": dict}``); the runner saves the frame as
 ``results/benchmarks/<topic>.csv`` (+ Markdown, after the header) with a ``<topic>.json`` provenance record
-(machine, versions, date, plus ``meta``). ``quick`` shrinks sizes for a fast sanity run.
+(machine, versions, date, plus ``meta``). ``quick`` shrinks sizes for a fast sanity run. A module with
+``REQUIRES_CUDA = True`` (``cuda``: the GPU check) is left out of ``--all`` on a machine without CUDA and refused
+there when named.
 """
 
 from __future__ import annotations
@@ -63,12 +65,27 @@ def run_benchmark(topic: str, out_dir: Path, quick: bool = False) -> Path:
     return csv_path
 
 
+def requires_cuda(topic: str) -> bool:
+    return bool(getattr(importlib.import_module(f"milstudy.bench.{topic}"), "REQUIRES_CUDA", False))
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    topics = available() if args.all or not args.topics else [t.replace("-", "_") for t in args.topics]
+    import torch
+
+    named = not (args.all or not args.topics)
+    topics = [t.replace("-", "_") for t in args.topics] if named else available()
     unknown = sorted(set(topics) - set(available()))
     if unknown:
         print(f"error: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available())}")
         return 2
+    if not torch.cuda.is_available():
+        gpu_only = [t for t in topics if requires_cuda(t)]
+        if named and gpu_only:
+            print(f"error: benchmark(s) {', '.join(gpu_only)} need a CUDA device; this machine has none")
+            return 2
+        for topic in gpu_only:
+            print(f"{topic}: skipped (needs a CUDA device)")
+        topics = [t for t in topics if t not in gpu_only]
     out_dir = Path(args.out) if args.out else results_root() / "benchmarks"
     for topic in topics:
         path = run_benchmark(topic, out_dir, quick=args.quick)

@@ -33,8 +33,13 @@ O(N^2) time (memory still O(chunk * N)); ``dropout=p`` drops softmax weights (ke
 both kernels, the mask of each chunk drawn from ``dropout_seed`` + chunk index (default: a seed from torch's
 global RNG) and regenerated in backward, so nothing N x N is stored.
 Padding tokens (``mask`` False) are neither queries nor keys; their output rows and gradients are 0.
-Slopes are treated as constants (no gradient). The CUDA FlexAttention path is not implemented yet; every device
-runs the tiled PyTorch path (tested on CPU only).
+Slopes are treated as constants (no gradient).
+
+``backend="flex"`` (both functions) runs the same attention through PyTorch's FlexAttention instead
+(:mod:`milstudy.models.local_attention_flex`: Morton-ordered tokens, a block mask from the blocks' bounding boxes):
+compiled and fused on CUDA; on CPU forward only, for the tests. It is opt-in: the default ``backend="torch"`` is
+the tested path on every device, and flex has not yet been timed on a GPU in this project
+(``python -m milstudy.bench.cuda_check`` does that); the spec §3 variants are torch-only.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 __all__ = ["local_attention_2d", "full_attention_2d_alibi", "dense_local_attention_2d", "default_tile",
-           "local_attention_pairs"]
+           "local_attention_pairs", "BACKENDS"]
 
 Slopes = Optional[Union[torch.Tensor, Sequence[float]]]
 DEFAULT_CHUNK_ELEMS = 1 << 18
@@ -89,6 +94,18 @@ def _check(q, k, v, coords, mask, slopes, radius=None):
 
 
 DISTANCES = ("euclidean", "floor")
+BACKENDS = ("torch", "flex")
+
+
+def _check_backend(backend: str, distance: str, dropout: float, beyond=None) -> bool:
+    """True for ``backend="flex"`` (which takes only the paper's semantics), False for ``"torch"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "flex" and (distance != "euclidean" or dropout or beyond is not None):
+        raise ValueError("backend='flex' computes the paper's attention only (distance='euclidean', no beyond, no "
+                         f"dropout); got distance={distance!r}, dropout={dropout!r}, beyond={beyond!r}: use "
+                         "backend='torch' for the spec §3 variants")
+    return backend == "flex"
 
 
 def _check_variant(h: int, q: torch.Tensor, distance: str, radius=None, beyond=None, dropout: float = 0.0,
@@ -361,15 +378,20 @@ class _TiledAttention(torch.autograd.Function):
 def local_attention_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, radius: float,
                        slopes: Slopes = None, mask: Optional[torch.Tensor] = None, *, tile: Optional[int] = None,
                        chunk_elems: int = DEFAULT_CHUNK_ELEMS, distance: str = "euclidean", dropout: float = 0.0,
-                       dropout_seed: Optional[int] = None) -> torch.Tensor:
+                       dropout_seed: Optional[int] = None, backend: str = "torch") -> torch.Tensor:
     """Exact 2-D local attention. q, k ``[B, h, N, d]``, v ``[B, h, N, d_v]``, coords ``[B, N, 2]`` integer grid
     positions (any order, holes allowed), radius r >= 0 (keys with distance <= r kept), slopes ``[h]`` or None,
     mask ``[B, N]`` bool (True = real token) or None. ``tile``: tile side in grid units (default
     ``default_tile(r)``); ``chunk_elems``: score entries per chunk (h * tiles * Tq * Kc). Returns ``[B, h, N, d_v]``
     equal to ``dense_local_attention_2d`` (forward and backward) with memory linear in N. ``distance="floor"``:
     bias ``-m_h floor(D)``; ``dropout``, ``dropout_seed``: attention dropout (module docstring; spec §3.3, §3.5).
-    Every head is masked beyond r here; soft masks need ``full_attention_2d_alibi(radius=, beyond=)``."""
+    Every head is masked beyond r here; soft masks need ``full_attention_2d_alibi(radius=, beyond=)``.
+    ``backend``: ``"torch"`` (this tiled kernel) or ``"flex"`` (module docstring; ``tile``, ``chunk_elems`` unused)."""
     coords, mask, slopes = _check(q, k, v, coords, mask, slopes, radius)
+    if _check_backend(backend, distance, dropout):
+        from milstudy.models.local_attention_flex import flex_attention_2d
+
+        return flex_attention_2d(q, k, v, coords, float(radius), slopes, mask)
     _, dropout = _check_variant(q.shape[1], q, distance, radius, None, dropout, dropout_seed)
     tile = default_tile(radius) if tile is None else tile
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
@@ -440,13 +462,19 @@ class _ChunkedFull(torch.autograd.Function):
 def full_attention_2d_alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor,
                             slopes: Slopes, mask: Optional[torch.Tensor] = None, chunk: int = 256, *,
                             distance: str = "euclidean", radius: Optional[float] = None, beyond=None,
-                            dropout: float = 0.0, dropout_seed: Optional[int] = None) -> torch.Tensor:
+                            dropout: float = 0.0, dropout_seed: Optional[int] = None, backend: str = "torch"
+                            ) -> torch.Tensor:
     """Exact full attention with unclipped Euclidean 2-D ALiBi ``-m_h ||p_i - p_j||`` (spec §2.3, global layer),
     computed ``chunk`` query rows at a time: time O(N^2 d), memory O(chunk * N * h). Shapes as
     ``local_attention_2d``; slopes ``[h]`` (None = no bias). Spec §3 variants (module docstring): ``distance``;
     ``radius`` with ``beyond [h]``: the bias where D > r is ``beyond[h]`` (-inf masks the head; ``radius`` alone:
-    every head masked, i.e. local attention at O(N^2) time); ``dropout``, ``dropout_seed``."""
+    every head masked, i.e. local attention at O(N^2) time); ``dropout``, ``dropout_seed``; ``backend``: ``"torch"``
+    (this kernel) or ``"flex"`` (module docstring; ``chunk`` unused, ``radius`` without ``beyond`` allowed)."""
     coords, mask, slopes = _check(q, k, v, coords, mask, slopes, radius)
+    if _check_backend(backend, distance, dropout, beyond):
+        from milstudy.models.local_attention_flex import flex_attention_2d
+
+        return flex_attention_2d(q, k, v, coords, None if radius is None else float(radius), slopes, mask)
     beyond, dropout = _check_variant(q.shape[1], q, distance, radius, beyond, dropout, dropout_seed)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")

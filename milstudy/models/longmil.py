@@ -24,6 +24,9 @@ each also settable alone (a preset only chooses the defaults; :data:`PRESETS`):
 - ``eval_dropout``: False | True (§3.5: ``attn_dropout`` also in eval, masks drawn from torch's global RNG, so
   ``torch.manual_seed`` reproduces a pass); ``attn_dropout``: the rate (training; 0 in the paper preset).
 
+``attention_backend``: ``"torch"`` (the default, tested kernels) or ``"flex"`` (PyTorch FlexAttention, for CUDA;
+paper semantics only; :mod:`milstudy.models.local_attention_flex`).
+
 Not reproduced: the dense int8 table (§3.1; values computed per chunk, and its 300-cell index wrap) and the
 scrambled RoPE (§3.7; off upstream by default).
 
@@ -46,7 +49,7 @@ from torch import nn
 
 from milstudy.models.base import MILModel, MILOutput, register_model
 from milstudy.models.layers import check_bag_input
-from milstudy.models.local_attention import DISTANCES, full_attention_2d_alibi, local_attention_2d
+from milstudy.models.local_attention import BACKENDS, DISTANCES, full_attention_2d_alibi, local_attention_2d
 
 UPSTREAM_FAR = 100.0  # the released code's distance beyond the radius (its table's fill value; spec §3.2-3.3)
 HEAD_MASKS, GLOBAL_ALIBI = ("all", "largest_slope"), ("unclipped", "clipped")
@@ -145,7 +148,8 @@ class _Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, radius: float | None, mlp_ratio: float, alibi: bool,
                  slope_scale: float, dropout: float, *, head_mask: str = "all", distance: str = "euclidean",
-                 clip_radius: float | None = None, attn_dropout: float = 0.0, eval_dropout: bool = False) -> None:
+                 clip_radius: float | None = None, attn_dropout: float = 0.0, eval_dropout: bool = False,
+                 backend: str = "torch") -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"LongMIL: dim {dim} is not divisible by heads {heads}")
@@ -154,7 +158,7 @@ class _Block(nn.Module):
                              "(alibi_local=True)")
         self.heads, self.radius = heads, radius
         self.head_mask, self.distance, self.clip_radius = head_mask, distance, clip_radius
-        self.attn_dropout, self.eval_dropout = attn_dropout, eval_dropout
+        self.attn_dropout, self.eval_dropout, self.backend = attn_dropout, eval_dropout, backend
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -172,11 +176,11 @@ class _Block(nn.Module):
                    "dropout": self.attn_dropout if self.training or self.eval_dropout else 0.0}
         if self.radius is None:
             if self.clip_radius is None or slopes is None:
-                return full_attention_2d_alibi(q, k, v, positions, slopes, mask, **variant)
+                return full_attention_2d_alibi(q, k, v, positions, slopes, mask, backend=self.backend, **variant)
             return full_attention_2d_alibi(q, k, v, positions, slopes, mask, radius=self.clip_radius,
                                            beyond=-UPSTREAM_FAR * slopes, **variant)
         if self.head_mask == "all":
-            return local_attention_2d(q, k, v, positions, self.radius, slopes, mask, **variant)
+            return local_attention_2d(q, k, v, positions, self.radius, slopes, mask, backend=self.backend, **variant)
         beyond = torch.where(slopes == slopes.max(), float("-inf"), -UPSTREAM_FAR * slopes)  # spec §3.2
         return full_attention_2d_alibi(q, k, v, positions, slopes, mask, radius=self.radius, beyond=beyond,
                                        **variant)
@@ -201,7 +205,7 @@ class LongMIL(MILModel):
                  alibi_slope_scale: float = 1.0, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  stride: float | None = None, *, preset: str = "paper", attn_dropout: float | None = None,
                  head_mask: str | None = None, distance: str | None = None, global_alibi: str | None = None,
-                 cell: int | None = None, eval_dropout: bool | None = None) -> None:
+                 cell: int | None = None, eval_dropout: bool | None = None, attention_backend: str = "torch") -> None:
         super().__init__()
         if radius < 0 or local_layers < 0 or global_layers < 0:
             raise ValueError(f"LongMIL: radius and layer counts must be >= 0, got {radius}, {local_layers}, "
@@ -209,10 +213,18 @@ class LongMIL(MILModel):
         self.options = options = resolve_options(
             preset, heads=heads, pool=pool, attn_dropout=attn_dropout, head_mask=head_mask, distance=distance,
             global_alibi=global_alibi, cell=cell, eval_dropout=eval_dropout)
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"LongMIL: attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
+        paper_semantics = (options["distance"], options["head_mask"], options["global_alibi"],
+                           options["attn_dropout"]) == ("euclidean", "all", "unclipped", 0.0)
+        if attention_backend == "flex" and not paper_semantics:
+            raise ValueError("LongMIL: attention_backend='flex' runs the paper's attention only (distance "
+                             "'euclidean', head_mask 'all', global_alibi 'unclipped', attn_dropout 0); the upstream "
+                             "variants need attention_backend='torch'")
         heads, self.preset, self.cell = options["heads"], preset, options["cell"]
         self.in_dim, self.n_out, self.stride, self.pool = in_dim, n_out, stride, options["pool"]
         shared = {"distance": options["distance"], "attn_dropout": options["attn_dropout"],
-                  "eval_dropout": options["eval_dropout"]}
+                  "eval_dropout": options["eval_dropout"], "backend": attention_backend}
         clip = radius if options["global_alibi"] == "clipped" else None
         self.project = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.local = nn.ModuleList(_Block(dim, heads, radius, mlp_ratio, alibi_local, alibi_slope_scale, dropout,
