@@ -36,9 +36,11 @@ PAPER_E5_CAMELYON = pd.DataFrame(
 
 
 def e1_aggregators(width: int = 64, heads: int = 4) -> dict[str, tuple[str, dict]]:
-    """The five E1 aggregators as ``{label: (registry name, kwargs)}`` at a common width (CPU: 64, 4 heads)."""
+    """The five E1 aggregators as ``{label: (registry name, kwargs)}`` at a common width (CPU: 64, 4 heads); ABMIL
+    in the upstream layout the paper trains end to end (spec §2.5: LN, GELU, dropout 0.25, no biases, LN before the
+    classifier; issue 9), at the common width."""
     return {
-        "ABMIL": ("abmil", {"hidden_dim": width, "attention_dim": max(16, width // 2)}),
+        "ABMIL": ("abmil_upstream", {"hidden_dim": width, "attention_dim": max(16, width // 2)}),
         "TransMIL": ("transmil", {"dim": width, "heads": heads, "landmarks": max(8, width // 2)}),
         "MHLA": ("mhla", {"dim": width, "heads": heads}),
         "MHLA&A+ (α=1)": ("abmilx_alpha1", {"dim": width, "heads": heads}),

@@ -104,3 +104,18 @@ def test_detection_slides_from_a_manifest_match_the_cohort(tmp_path):
     assert thumbnail.shape[2] == 3 and downsample > 1 and mask is not None and mask.dtype == bool
     with pytest.raises(ValueError, match="milstudy data masks"):
         load_detection_slides("paper")
+
+
+def test_e1_abmil_is_the_upstream_layout_at_the_common_width():
+    import torch
+
+    from milstudy.models import build_model
+    from milstudy.papers.abmilx import e1_aggregators
+
+    name, kwargs = e1_aggregators(64, 4)["ABMIL"]
+    model = build_model(name, 32, 2, **kwargs)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert name == "abmil_upstream" and len(norms) >= 2  # LN on the input and before the classifier
+    assert any(m.out_features == 64 for m in linears) and all(m.bias is None for m in linears[:-1])
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.25 for m in model.modules())
