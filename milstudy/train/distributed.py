@@ -59,10 +59,11 @@ def shutdown() -> None:
         torch_dist.destroy_process_group()
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel`` around ``model`` (device_ids on CUDA)."""
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """``DistributedDataParallel`` around ``model`` (device_ids on CUDA). ``find_unused_parameters``: for models
+    whose branches a step may skip (CLAM's instance classifiers: per class, or none for survival targets)."""
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def epoch_sampler(n_items: int, dist: DistInfo, seed: int, epoch: int) -> Sampler:

@@ -372,7 +372,8 @@ class E2EStep:
 
     def prepare(self, state: LoopState) -> None:
         if self.dist.enabled:
-            self.train_model = dist_utils.wrap_ddp(self.model, self.device)
+            self.train_model = dist_utils.wrap_ddp(  # label-driven branches (CLAM) may go unused in a step
+                self.model, self.device, find_unused_parameters=getattr(self.model.aggregator, "needs_targets", False))
 
     def batches(self, state: LoopState):
         cfg, draw = self.config, state.epoch - 1  # draws keep the 0-based index of the pre-loop trainer
@@ -423,6 +424,11 @@ class E2EStep:
         targets = batch["targets"]
         needs = getattr(self.model.aggregator, "needs_targets", False) and targets.ndim == 1 \
             and not targets.dtype.is_floating_point
+        if getattr(self.model.aggregator, "needs_coords", False) and batch["coords"] is None:
+            raise ValueError(f"slides {batch['slide_ids'][:5]}: {type(self.model.aggregator).__name__} is "
+                             "position-aware, but the sampled patches have no coordinates (the low-scale patches of "
+                             "these slides carry none): give the slides low_coords or a low_grid, or train single-"
+                             "scale (ratio=inf)")
         output = self.train_model(batch["images"], coords=batch["coords"], targets=targets if needs else None)
         return task_loss(self.task, output, targets)
 

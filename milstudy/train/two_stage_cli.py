@@ -25,10 +25,11 @@ from milstudy.console import add_logging_flags
 
 log = logging.getLogger("milstudy.cli")
 OWN_KEYS = ("manifest", "features", "model", "model_kw", "task", "classes", "label_column", "class_weights",
-            "n_bins", "survival_loss", "folds", "split_column", "splits_csv", "val_fraction", "seeds", "device",
+            "n_bins", "survival_loss", "survival_bin_edges", "folds", "split_column", "splits_csv", "val_fraction", "seeds", "device",
             "out", "save_attention", "preload")
 _DEFAULTS = {"task": "classification", "label_column": "label", "model_kw": {}, "seeds": [0], "device": "auto",
-             "val_fraction": 0.125, "save_attention": False, "preload": False, "n_bins": 4, "survival_loss": "nll"}
+             "val_fraction": 0.125, "save_attention": False, "preload": False, "n_bins": 4, "survival_loss": "nll",
+             "survival_bin_edges": "train"}
 
 
 
@@ -112,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("classes: %s", classes)
     for slide_id, reason in dataset.skipped:
         log.warning("slide '%s' skipped: %s", slide_id, reason)
-    task = runs.make_task(spec, classes)
+    task = runs.make_task(spec, classes, dataset.targets if spec["task"] == "survival" else None)
     runs.build_named_model(str(spec["model"]), int(dataset.feature_dim), task.n_out, spec["model_kw"])  # fail early
     out = Path(spec["out"])
     plan = [(seed, fold, split) for seed in spec["seeds"]  # every split checked before anything trains

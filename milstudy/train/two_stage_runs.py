@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -157,12 +157,22 @@ def build_named_model(name: str, in_dim: int, n_out: int, kwargs: Mapping[str, A
         raise ValueError(f"--model-kw {dict(kwargs)} for model {name!r}: {err}") from None
 
 
-def make_task(spec: Mapping[str, Any], classes: list | None):
-    """The task of the settings: classification over ``classes`` (head indices 0..C-1) or survival."""
+def make_task(spec: Mapping[str, Any], classes: list | None, targets: Sequence[Any] | None = None):
+    """The task of the settings: classification over ``classes`` (head indices 0..C-1) or survival, whose bin edges
+    come from each training split (``survival_bin_edges: train``, the default) or from all ``targets`` of the cohort
+    (``cohort``: the upstream ABMILX convention; the setting is recorded in run.json with the others)."""
     from milstudy.train.tasks import ClassificationTask, SurvivalTask
 
     if spec["task"] == "survival":
-        return SurvivalTask(n_bins=int(spec["n_bins"]), loss=str(spec["survival_loss"]))
+        edges_from = spec.get("survival_bin_edges", "train")
+        n_bins, loss = int(spec["n_bins"]), str(spec["survival_loss"])
+        if edges_from not in ("train", "cohort"):
+            raise ValueError(f"survival_bin_edges must be 'train' or 'cohort', got {edges_from!r}")
+        if edges_from == "train":
+            return SurvivalTask(n_bins=n_bins, loss=loss)
+        if targets is None:
+            raise ValueError("survival_bin_edges=cohort needs the cohort's targets")
+        return SurvivalTask.from_cohort(list(targets), n_bins, loss)
     # the head is indexed 0..C-1 (the dataset's targets); the class names live in the checkpoint and the outputs
     return ClassificationTask(classes=list(range(len(classes))), class_weights=spec.get("class_weights"))
 

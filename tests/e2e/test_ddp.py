@@ -51,3 +51,45 @@ def test_torchrun_two_cpu_processes(tmp_path: Path):
     history = __import__("pandas").read_csv(out / "history.csv")
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_the_stop_decision_is_rank_0s_and_an_unused_branch_trains_under_ddp(tmp_path: Path):
+    """``broadcast_flag`` gives every rank rank 0's early-stopping decision even when their own ones differ (else
+    one rank would leave the loop and the other hang); a model with a branch a step skips (CLAM's per-class
+    instance classifiers) trains under DDP when ``wrap_ddp(find_unused_parameters=True)``, as the E2E step sets
+    for models with ``needs_targets``."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to the interpreter")
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, torch, torch.distributed as dist
+        from milstudy.train import distributed as D
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        decisions = [D.broadcast_flag(rank == 1), D.broadcast_flag(rank == 0)]
+        class Branchy(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.used, self.skipped = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+            def forward(self, x):
+                return self.used(x)
+        torch.manual_seed(0)
+        ddp = D.wrap_ddp(Branchy(), torch.device("cpu"), find_unused_parameters=True)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            ddp(torch.randn(4, 3) + rank).sum().backward()
+            opt.step()
+        weight = ddp.module.used.weight.detach().flatten().tolist()
+        (__import__("pathlib").Path({str(tmp_path)!r}) / f"rank{{rank}}.json").write_text(
+            json.dumps({{"decisions": decisions, "weight": weight}}))
+        dist.destroy_process_group()
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--standalone", str(script)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] == [False, True]
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # gradients averaged: the ranks stay identical

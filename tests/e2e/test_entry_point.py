@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import e2e_toy  # noqa: F401  registers e2e_test_attention_pool
+from milstudy.papers.abmilx import PAPER_SETTINGS
 from milstudy.train.e2e_cli import main
 
 
@@ -49,3 +50,13 @@ def test_set_and_out_override_the_config(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(path), "--set", "epochs"])
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SETTINGS))
+def test_a_paper_setting_without_encoder_weights_is_refused_and_random_init_needs_asking(name):
+    from milstudy.train.e2e import E2EConfig, build_e2e_model
+
+    config = E2EConfig(**PAPER_SETTINGS[name]["config"])
+    assert config.encoder_init == "pretrained" and config.encoder_weights is None
+    with pytest.raises(ValueError, match=r"no file was given.*encoder_weights=.*encoder_init=random"):
+        build_e2e_model(config, 2)

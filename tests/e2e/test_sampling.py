@@ -90,3 +90,15 @@ def test_topk_head_vote():
     assert topk_by_head_vote(attention, 2).tolist() == [1, 2]
     assert sorted(topk_by_head_vote(attention, 3).tolist()) == [0, 1, 2]
     assert len(topk_by_head_vote(attention, 10)) == 5
+
+
+def test_mris_padding_fills_each_scale_to_its_own_quota():
+    # s = 64, r = 4: quotas 48 main + 16 low. 20 main and 5 low patches exist: each scale repeats its own patches
+    ms = sample_multiscale(20, 5, 64, 4, np.random.default_rng(2), pad_to=64)
+    assert (len(ms.main), len(ms.low)) == (48, 16)
+    # a scale that already fills its quota is not padded; only the short one repeats
+    ms = sample_multiscale(400, 5, 64, 4, np.random.default_rng(3), pad_to=64)
+    assert (len(ms.main), len(np.unique(ms.main)), len(ms.low), len(np.unique(ms.low))) == (48, 48, 16, 5)
+    # an empty low scale is refused, not silently replaced by main patches
+    with pytest.raises(ValueError, match="low-scale grid is empty"):
+        sample_multiscale(20, 0, 64, 4, np.random.default_rng(2), pad_to=64)

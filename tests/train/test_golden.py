@@ -29,7 +29,7 @@ GOLDEN = json.loads((FIXTURES / "golden_metrics.json").read_text())["runs"]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The record was made with 1 torch thread; float reductions (and so the 1e-6 match) depend on it, whatever an
+    """The record was made with 1 torch thread; float reductions (and so the match to TOL) depend on it, whatever an
     earlier test in this worker left set."""
     import torch
 

@@ -197,3 +197,17 @@ def test_e2e_passes_coords_and_targets_and_calls_the_hooks(sampler, strict_regis
     result = train_e2e({"train": slides[:4], "val": slides[4:]}, ClassificationTask(2), config, keep_model=True)
     aggregator = result.model.aggregator
     assert aggregator.steps == 2 * 2 and aggregator.epochs == [1, 2]
+
+
+def test_e2e_refuses_a_position_aware_model_when_the_sampled_patches_have_no_coordinates(strict_registered):
+    import dataclasses
+
+    slides = [dataclasses.replace(s, low_coords=None) for s in toy_slides(4, n_patches=16, size=16, seed=0)]
+    config = E2EConfig(encoder_kwargs={"widths": (4, 8, 8, 16)}, aggregator=STRICT, s=8, ratio=4, epochs=1,
+                       batch_slides=2, device="cpu")
+    Strict.needs_coords = True
+    try:
+        with pytest.raises(ValueError, match=r"toy_000.*position-aware.*low_coords"):
+            train_e2e({"train": slides}, ClassificationTask(2), config)
+    finally:
+        del Strict.needs_coords

@@ -143,6 +143,31 @@ def test_survival_with_time_and_event_columns(cohort, tmp_path):
     assert (again.loc[trained.index, ["risk", "bin"]] == trained[["risk", "bin"]]).all().all()  # same bin edges
 
 
+def test_survival_bin_edges_from_the_whole_cohort_are_an_option_run_json_records(cohort, tmp_path):
+    from milstudy.train.losses import survival_bins
+
+    assert _train(cohort, tmp_path / "c", "--task", "survival", "--split-column", "split",
+                  "--set", "survival_bin_edges=cohort") == 0
+    table = cohort["table"]
+    want = survival_bins(table["time"].to_numpy(float), table["event"].to_numpy(float), 4)
+    edges = torch.load(tmp_path / "c" / "seed0" / "fold0" / "checkpoint.pt", weights_only=False)["task"]["bin_edges"]
+    np.testing.assert_allclose(edges, want)
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["settings"]["survival_bin_edges"] == "cohort"
+    assert _train(cohort, tmp_path / "bad", "--task", "survival", "--split-column", "split",
+                  "--set", "survival_bin_edges=all") == 2
+
+
+def test_cohort_bin_edges_survive_the_training_split_and_train_edges_follow_it():
+    from milstudy.train.two_stage_runs import make_task
+
+    spec = {"task": "survival", "n_bins": 2, "survival_loss": "nll"}
+    train = [(float(t), 1) for t in range(1, 11)]  # times 1..10; the test split has times 100..109
+    cohort = train + [(float(t), 1) for t in range(100, 110)]
+    from_train = make_task(spec, None).prepare(train, None)
+    from_cohort = make_task({**spec, "survival_bin_edges": "cohort"}, None, cohort).prepare(train, None)
+    assert from_train.bin_edges[1] < 11 < from_cohort.bin_edges[1]  # the median of 1..10 vs of all 20 times
+
+
 def test_device_auto_resolves_to_cpu_here_and_to_cuda_on_a_gpu_node(cohort, tmp_path, monkeypatch, caplog):
     assert resolve_device_name("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
