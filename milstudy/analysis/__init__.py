@@ -1,4 +1,5 @@
-"""Analyses of trained MIL models, each a pure function on numpy/torch arrays (shapes in the docstrings).
+"""Analyses of trained MIL models: functions on numpy/torch arrays (shapes in the docstrings). Nothing here trains;
+a few read a given model out in eval mode (``tracking`` snapshots, ``modulation``'s Λ) without changing it.
 
 - ``sparsity``: the ABMILX paper's "proportion of activated patches" (our threshold) + entropy, Gini, top-k mass.
 - ``risk``: optimisation risk of App. A (R, R_MH, mass on tumour, top-1-is-noise rate, head correlation).
