@@ -45,7 +45,7 @@ class ManifestSource:
         return hashlib.sha256(content + settings).hexdigest()[:12]
 
 
-def _targets(classes: list, positive: Sequence[str] | None, source: str, target: str) -> dict[int, int]:
+def target_mapping(classes: list, positive: Sequence[str] | None, source: str, target: str) -> dict[int, int]:
     """Map the dataset's class indices to the task's: as they are, or ``positive`` classes -> 1, the rest -> 0."""
     if positive is None:
         return {i: i for i in range(len(classes))}
@@ -78,7 +78,7 @@ def manifest_bags(manifest: str | os.PathLike, feature_dir: str | os.PathLike, t
                          instance_label_dir=instance_label_dir)
     if "split" not in dataset.manifest:
         raise ValueError(f"{source}: needs a 'split' column (train / val / test) for the ASMIL notebooks")
-    to_task = _targets(list(dataset.classes), positive, source, target)
+    to_task = target_mapping(list(dataset.classes), positive, source, target)
     splits = dataset.manifest["split"].astype(str).to_numpy()  # train / val / test (the manifest loader checks)
     bags = []
     for i in range(len(dataset)):

@@ -1,5 +1,9 @@
 """LongMIL length extrapolation (specs/longmil.md §4.3, paper A.2 / Fig. 4) and its ablations (§4.5) on the motif
-world (:mod:`milstudy.data.synthetic.motif_bags`): train on the shortest bags, test on the longest.
+world (:mod:`milstudy.data.synthetic.motif_bags`), or on a real cohort's feature bags
+(:func:`milstudy.papers.longmil_cohorts.manifest_cohort`, paper profile): train on the shortest bags, test on the
+longest. A cohort here is anything with ``bags`` (with coordinates), ``table`` (slide_id, target, n_instances),
+``lengths`` and optionally ``stride`` (level-0 units per grid step; None: each bag's own smallest coordinate step,
+as the position-aware models infer it; the motif world's :data:`STRIDE` when absent).
 
 - :func:`length_extrapolation_split`: bags sorted by length; the smallest ``train_share`` are the training part
   (validation, and optionally an in-distribution held-out set, carved from it at random), the largest
@@ -23,6 +27,9 @@ import numpy as np
 import pandas as pd
 
 from milstudy.data.synthetic.motif_bags import STRIDE, MotifCohort
+from milstudy.papers.longmil_cohorts import LengthCohort
+
+Cohort = MotifCohort | LengthCohort  # the motif world or a real cohort (module docstring)
 
 METHODS = {"ABMIL": "abmil", "CLAM-SB": "clam_sb", "TransMIL": "transmil", "FSA + RoPE": "fsa_rope",
            "Abs. PE": "abs_pe_mil", "LongMIL": "longmil"}
@@ -73,7 +80,7 @@ def length_extrapolation_split(lengths: Sequence[int], train_share: float = 0.6,
     return out
 
 
-def split_table(cohort: MotifCohort, split: Mapping[str, np.ndarray]) -> pd.DataFrame:
+def split_table(cohort: Cohort, split: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """Per split: bags, positives and the length range (what the notebook shows before training)."""
     table = cohort.table
     rows = [{"split": name, "n_bags": len(idx), "positives": int(table["target"].to_numpy()[idx].sum()),
@@ -99,6 +106,7 @@ class StudyDesign:
     local_layers: int = 2
     alibi_slope_scale: float = 1.0
     transmil_heads: int = 2  # the paper 8; 2 keeps TransMIL within the CPU budget (width matched, not heads)
+    stride: float | None = STRIDE  # grid step of the position-aware models; None: each bag's smallest step
 
 
 def study_methods(design: StudyDesign = StudyDesign(), names: Sequence[str] = tuple(METHODS)
@@ -114,10 +122,10 @@ def study_methods(design: StudyDesign = StudyDesign(), names: Sequence[str] = tu
         "ABMIL": {"hidden_dim": w, "attention_dim": w // 2},
         "CLAM-SB": {"hidden_dim": w, "attention_dim": w // 2},
         "TransMIL": {"dim": w, "heads": design.transmil_heads, "landmarks": w},
-        "FSA + RoPE": {"dim": w, "heads": 1, "stride": STRIDE},
-        "Abs. PE": {"dim": w, "heads": 1, "stride": STRIDE},
+        "FSA + RoPE": {"dim": w, "heads": 1, "stride": design.stride},
+        "Abs. PE": {"dim": w, "heads": 1, "stride": design.stride},
         "LongMIL": {"dim": w, "heads": design.heads, "radius": design.radius, "local_layers": design.local_layers,
-                    "alibi_slope_scale": design.alibi_slope_scale, "stride": STRIDE},
+                    "alibi_slope_scale": design.alibi_slope_scale, "stride": design.stride},
     }
     return {name: (METHODS[name], kwargs[name]) for name in names}
 
@@ -136,10 +144,23 @@ def longmil_variants(axis: str, values: Sequence[Any], design: StudyDesign = Stu
     return {f"{short}={v:g}": ("longmil", {**base, ABLATION_AXES[axis]: v}) for v in values}
 
 
-def grid_extent(cohort: MotifCohort, indices: Sequence[int]) -> int:
+def grid_cells(cohort: Cohort, index: int) -> "torch.Tensor":
+    """Bag ``index``'s integer grid positions ``[N, 2]`` as the position-aware models compute them
+    (:func:`milstudy.models.longmil.grid_positions` with the cohort's ``stride``; the motif world's: coords / STRIDE)."""
+    import torch
+
+    from milstudy.models.longmil import grid_positions
+
+    coords = cohort.bags[index].coords
+    positions, _ = grid_positions(coords[None], torch.ones(1, len(coords), dtype=torch.bool),
+                                  getattr(cohort, "stride", STRIDE))
+    return positions[0]
+
+
+def grid_extent(cohort: Cohort, indices: Sequence[int]) -> int:
     """The largest grid coordinate (in patch steps) over the bags ``indices``, + 1: an absolute-PE table that
     covers exactly the positions seen in training."""
-    return int(max(int(cohort.bags[i].coords.max()) // STRIDE for i in indices)) + 1
+    return int(max(int(grid_cells(cohort, i).max()) for i in indices)) + 1
 
 
 # ----------------------------------------------------------------------------------------------------- runs
@@ -156,7 +177,7 @@ class ExtrapolationResult:
     split: dict[str, np.ndarray]
 
 
-def _bucket_names(cohort: MotifCohort, split: Mapping[str, np.ndarray], n_test_buckets: int) -> dict[str, str]:
+def _bucket_names(cohort: Cohort, split: Mapping[str, np.ndarray], n_test_buckets: int) -> dict[str, str]:
     """slide_id -> bucket label, in length order: held-out (train lengths), mid, then equal-count test buckets."""
     lengths, ids = cohort.lengths, cohort.table["slide_id"].to_numpy()
     out = {}
@@ -208,13 +229,13 @@ def _extrapolation_run(job: Mapping[str, Any], shared: Mapping[str, Any]) -> tup
         row.update({f"{part}_{k}": v for k, v in _scores(scored).items()})
     if zoo_name == "abs_pe_mil":  # share of test tiles whose position lies beyond the table (clamped)
         row["clamped_share"] = float(np.mean([
-            (cohort.bags[i].coords // STRIDE >= kwargs["max_position"]).any(1).float().mean()
+            (grid_cells(cohort, i) >= kwargs["max_position"]).any(1).float().mean()
             for i in shared["split"]["test"]]))
     row["wall_time_s"] = time.perf_counter() - start
     return row, frames
 
 
-def run_extrapolation(cohort: MotifCohort, split: Mapping[str, np.ndarray],
+def run_extrapolation(cohort: Cohort, split: Mapping[str, np.ndarray],
                       methods: Mapping[str, tuple[str, Mapping[str, Any]]], seeds: Sequence[int], config: Any,
                       n_test_buckets: int = 2, progress: bool = True, workers: int = 1) -> ExtrapolationResult:
     """Train every method for every seed on ``split["train"]`` (selection on ``split["val"]`` only, ``config``:
