@@ -67,3 +67,25 @@ def manifest_cohort(manifest: str | os.PathLike, feature_dir: str | os.PathLike,
         raise ValueError(f"{source}: the bags hold only class {sorted(present)} of 0/1 (column {target!r}, "
                          f"positive={positive}); both are needed")
     return LengthCohort(bags, table, source, None, list(dataset.classes))
+
+
+# The paper's real-data settings (specs/longmil.md §5) for ``milstudy train --preset NAME --features DIR``: two-stage
+# LongMIL on a cohort's feature bags; ``--model abmil`` (or any zoo model) runs a baseline on the same setting.
+# Paper: batch 1 WSI, lr 1e-4, weight decay 1e-2, 5 seeds (BRACS), local radius 10, 2 local blocks, 1 head, no
+# dropout (the model's paper preset). Our choices where the paper is silent: AdamW, 50 epochs, 1 warmup epoch,
+# selection on the validation split's primary metric (macro-AUC, C-index), 4 survival bins from each training split;
+# TCGA-BRCA folds are our stratified case-level k-fold (the HIPT splits the paper uses are not public here).
+_SPEC5 = {"model": "longmil", "epochs": 50, "lr": 1e-4, "weight_decay": 1e-2, "optimizer": "adamw",
+          "warmup_epochs": 1.0, "monitor": "auto"}
+TRAIN_PRESETS = {
+    "longmil_bracs_3class": {**_SPEC5, "manifest": "data_manifests/bracs.csv", "label_column": "label_3",
+                             "classes": ["benign", "atypical", "malignant"], "split_column": "split",
+                             "seeds": [0, 1, 2, 3, 4]},
+    "longmil_bracs_7class": {**_SPEC5, "manifest": "data_manifests/bracs.csv", "label_column": "label",
+                             "classes": ["N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC"], "split_column": "split",
+                             "seeds": [0, 1, 2, 3, 4]},
+    "longmil_tcga_brca_subtyping": {**_SPEC5, "manifest": "data_manifests/tcga_brca_subtyping.csv",
+                                    "classes": ["IDC", "ILC"], "folds": 10, "seeds": [0]},
+    "longmil_tcga_brca_survival": {**_SPEC5, "manifest": "data_manifests/tcga_brca_survival.csv",
+                                   "task": "survival", "n_bins": 4, "survival_loss": "nll", "folds": 5, "seeds": [0]},
+}

@@ -1,7 +1,8 @@
 """``milstudy train`` and ``milstudy eval``: two-stage MIL (frozen feature bags -> aggregator) from the command line.
 
 * ``milstudy train --manifest M.csv --features DIR --model abmil --folds 5 --seeds 0 1 2 --out runs/x`` (or
-  ``--config run.yaml``, with ``--set key=value`` overrides): per seed and fold, ``<out>/seed<s>/fold<f>/`` gets
+  ``--config run.yaml``, or ``--preset NAME``: a paper's setting, ``milstudy.papers.longmil_cohorts.TRAIN_PRESETS``;
+  flags and ``--set key=value`` override either): per seed and fold, ``<out>/seed<s>/fold<f>/`` gets
   ``metrics.json``, ``predictions.csv`` (validation and test slides), ``history.csv``, ``checkpoint.pt`` and, with
   ``--save-attention``, ``attention/<slide_id>.npy``; ``<out>`` gets ``summary.csv`` (one row per run, then the
   mean and the sd (ddof=1) over folds x seeds) and ``run.json``. Selection (best epoch) uses validation only.
@@ -44,6 +45,19 @@ def _key_value(item: str, option: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def preset_settings(name: str) -> dict[str, Any]:
+    """A paper's two-stage setting (``milstudy.papers.longmil_cohorts.TRAIN_PRESETS``), its manifest path made
+    absolute from the repository root; refused naming the known presets."""
+    from milstudy.papers.longmil_cohorts import TRAIN_PRESETS
+    from milstudy.paths import REPO_ROOT
+
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"--preset {name!r}: unknown; known: {', '.join(sorted(TRAIN_PRESETS))}")
+    spec = dict(TRAIN_PRESETS[name])
+    spec["manifest"] = str(REPO_ROOT / spec["manifest"])
+    return spec
+
+
 def train_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings: the ``--config`` YAML, then the flags given, then ``--set``; unknown keys refused."""
     import yaml
@@ -52,13 +66,16 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any]:
     from milstudy.train.two_stage_runs import train_fields
 
     spec: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        spec = preset_settings(args.preset)
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config {path}: no such file")
-        spec = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(spec, dict):
-            raise ValueError(f"{path}: the config must be a mapping of settings, got {type(spec).__name__}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the config must be a mapping of settings, got {type(loaded).__name__}")
+        spec = {**spec, **loaded}
     for key in OWN_KEYS + ("epochs", "lr"):
         value = getattr(args, key, None)
         if value is not None and value is not False and key != "model_kw":
@@ -184,6 +201,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on the ``milstudy`` command."""
     p = subparsers.add_parser("train", help="two-stage MIL training on feature bags (k-fold or fixed splits)",
                               description=__doc__.splitlines()[0])
+    p.add_argument("--preset", help="a paper's setting (longmil_bracs_3class, longmil_bracs_7class, "
+                   "longmil_tcga_brca_subtyping, longmil_tcga_brca_survival); --config, flags and --set override it")
     p.add_argument("--config", help="YAML of settings (the flag names with underscores, + TrainConfig fields)")
     p.add_argument("--manifest", help="CSV: slide_id, label (or time/survival_months + event), optional case_id")
     p.add_argument("--features", help="feature folder (<slide_id>.h5/.pt; CLAM h5_files/ pt_files/; TRIDENT features_*/)")

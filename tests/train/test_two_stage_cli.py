@@ -334,3 +334,29 @@ def test_a_torchmil_folder_trains_with_a_manifest_from_its_labels(cohort, tmp_pa
     (root / "labels" / "s00.npy").unlink()
     with pytest.raises(FileNotFoundError, match="bag 's00' has features but no label file"):
         torchmil_manifest(root)
+
+
+@pytest.mark.parametrize("name", ["longmil_bracs_3class", "longmil_bracs_7class", "longmil_tcga_brca_subtyping",
+                                  "longmil_tcga_brca_survival"])
+def test_the_longmil_paper_presets_are_valid_settings_that_flags_override(name, tmp_path):
+    from milstudy.cli import build_parser
+    from milstudy.models import build_model
+    from milstudy.train.two_stage_cli import train_settings
+
+    args = build_parser().parse_args(["train", "--preset", name, "--features", str(tmp_path), "--out",
+                                      str(tmp_path / "o"), "--set", "epochs=3"])
+    spec = train_settings(args)  # every key known, one split source, the manifest in data_manifests/
+    assert spec["model"] == "longmil" and spec["epochs"] == 3 and spec["lr"] == 1e-4
+    assert pd.read_csv(spec["manifest"], nrows=1).shape[0] == 1
+    if spec.get("classes"):
+        labels = set(pd.read_csv(spec["manifest"])[spec["label_column"]])
+        assert labels == set(spec["classes"])  # the declared classes are the manifest's
+    build_model(spec["model"], 16, 2, **spec["model_kw"])
+    baseline = train_settings(build_parser().parse_args(["train", "--preset", name, "--model", "abmil", "--features",
+                                                         str(tmp_path), "--out", str(tmp_path / "b")]))
+    assert baseline["model"] == "abmil" and baseline["weight_decay"] == 1e-2
+
+
+def test_an_unknown_preset_is_refused_naming_the_known_ones(tmp_path, capsys):
+    assert main(["train", "--preset", "longmil_camelyon", "--features", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "longmil_bracs_3class" in capsys.readouterr().err
