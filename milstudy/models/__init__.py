@@ -21,7 +21,7 @@ from milstudy.models.base import (
 )
 from milstudy.models.layers import PAD_LOGIT, masked_softmax
 from milstudy.models.local_attention import dense_local_attention_2d, full_attention_2d_alibi, local_attention_2d
-from milstudy.models import abmil, abmilx, clam, dsmil, longmil, longmil_baselines, pooling, rrtmil, transformer_mil, transmil  # noqa: F401,E402  (registration)
+from milstudy.models import abmil, abmilx, acmil, clam, dsmil, longmil, longmil_baselines, pooling, rrtmil, transformer_mil, transmil  # noqa: F401,E402  (registration)
 from milstudy.models import asmil  # noqa: F401,E402  (registration; after the bases it wraps)
 
 __all__ = [

@@ -25,24 +25,27 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
 class AttentionScorer(nn.Module):
-    """Ilse et al. Eq. 8 (plain) or Eq. 9 (gated) scores: ``[B,N,L] -> [B,N]`` pre-softmax logits."""
+    """Ilse et al. Eq. 8 (plain) or Eq. 9 (gated) scores: ``[B,N,L] -> [B,N]`` pre-softmax logits; ``n_scores``
+    branches share the tanh / gate layers (``[B,N,n_scores]``)."""
 
     def __init__(self, dim: int, attention_dim: int = 128, gated: bool = False, dropout: float = 0.0,
-                 bias: bool = True) -> None:
+                 bias: bool = True, n_scores: int = 1) -> None:
         super().__init__()
+        self.n_scores = n_scores
         self.tanh_branch = nn.Sequential(nn.Linear(dim, attention_dim, bias=bias), nn.Tanh(), nn.Dropout(dropout))
         self.gate_branch = (
             nn.Sequential(nn.Linear(dim, attention_dim, bias=bias), nn.Sigmoid(), nn.Dropout(dropout)) if gated
             else None
         )
-        self.score = nn.Linear(attention_dim, 1, bias=False)  # Eq. 8 has no bias (softmax would ignore it)
+        self.score = nn.Linear(attention_dim, n_scores, bias=False)  # Eq. 8 has no bias (softmax would ignore it)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h ``[B,N,L]`` -> logits ``[B,N]``."""
+        """h ``[B,N,L]`` -> logits ``[B,N]`` (``[B,N,n_scores]`` for several attention branches, e.g. ACMIL)."""
         hidden = self.tanh_branch(h)  # [B,N,K]
         if self.gate_branch is not None:
             hidden = hidden * self.gate_branch(h)  # Eq. 9 gating
-        return self.score(hidden).squeeze(-1)
+        scores = self.score(hidden)
+        return scores.squeeze(-1) if self.n_scores == 1 else scores
 
 
 class ABMIL(MILModel):

@@ -16,6 +16,7 @@ NO_ATTENTION_LOGITS = {"mean_pooling": "uniform weights 1/n over the real instan
 # Models whose loss is not the default (task loss on the logits, weight 1, no streams).
 LOSS_STREAMS = {name: "0.5 CE(bag stream) + 0.5 CE(max-instance stream), tests/models/test_dsmil.py"
                 for name in ("dsmil", "dsmil_anchor", "dsmil_anchor_nsf")}
+LOSS_STREAMS["acmil"] = "task(slide) + mean of the K branch losses + diversity, tests/models/test_acmil.py"
 
 
 def _toy_batch(toy_bags, dtype: torch.dtype, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
