@@ -51,7 +51,7 @@ def block_keep(positions: torch.Tensor, valid: torch.Tensor, radius: Optional[fl
     n_blocks = N // block
     pos = positions.to(torch.long).view(B, n_blocks, block, 2)
     ok = valid.view(B, n_blocks, block, 1)
-    big = 1 << 40
+    big = 1 << 29  # beyond any grid position; the sum of two squared gaps still fits in int64
     low = torch.where(ok, pos, big).amin(2)  # [B, n_blocks, 2]; blocks without valid tokens get low > high
     high = torch.where(ok, pos, -big).amax(2)
     occupied = valid.view(B, n_blocks, block).any(-1)
